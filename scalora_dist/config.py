@@ -1,0 +1,325 @@
+"""Run configuration: one dataclass per YAML section, loaded and validated at the edge.
+
+A config file is YAML; any key can be overridden on the command line with a dotted path
+(`train.lr=1e-4`, `adapter.target_modules=[q_proj,v_proj]`). Values are parsed as YAML, so
+ints, floats, bools and lists come out typed. Unknown keys and wrong types are errors that
+name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key (dotted path) and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Local directory of a transformers causal-LM checkpoint (config.json + safetensors)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Load/storage dtype of the model. LoRA factors, and the targeted base weights of
+    scalora and full runs, are kept in float32 regardless (a bf16 base would round the
+    small per-step ScaLoRA merges away); computation runs in this dtype."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel. `flash_attention_2` needs the optional flash-attn package."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-block activations in the backward pass to save memory."""
+
+
+@dataclass
+class ScaLoRAConfig:
+    interval: int = 1
+    """Refactor every `interval` optimizer steps (ScaLoRA-I); plain LoRA steps in between."""
+    kappa: float | Literal["auto"] = "auto"
+    """kappa = 1/(L*eta) of method.md. `auto`: mean of ||a_i||*||b_i|| over all layers and
+    columns at the first refactor, so refactoring starts near alpha*beta = 1."""
+    kappa_multiplier: float = 1.0
+    """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
+    warmup_steps: int = 10
+    """Plain LoRA steps before the first refactor (the zero-initialised lora_B makes the
+    scaling system singular at first)."""
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["lora", "scalora", "full"] = "scalora"
+    """`lora`: low-rank adapters (base frozen); `scalora`: LoRA whose increment is merged
+    into the base every `interval` steps with optimal column scales; `full`: full
+    fine-tuning of the targeted layers (baseline)."""
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """LoRA alpha: scale s = alpha/r, or alpha/sqrt(r) with use_rslora."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = alpha/sqrt(r) (Kalajdzievski 2023)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (matched on the last dotted components, as PEFT does) or
+    `all-linear`: every nn.Linear except the output head."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. Must be 0 for scalora (a merge is only exact without it)."""
+    scalora: ScaLoRAConfig = field(default_factory=ScaLoRAConfig)
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local JSONL / JSON / Parquet / text files for training."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files in the same format; empty: no evaluation."""
+    format: Literal["text", "instruction", "chat"] = "text"
+    """`text`: loss on every token of `text_field`; `instruction`: prompt + response, loss
+    on the response only; `chat`: `messages_field` rendered with the tokenizer's chat
+    template, loss on assistant turns only."""
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    max_length: int = 512
+    """Examples are truncated to this many tokens (packed sequences have exactly this length)."""
+    packing: bool = False
+    """Concatenate tokenised examples (EOS-separated) into full `max_length` sequences."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    """Optimizer steps to run; 0: derive from `epochs`."""
+    epochs: float = 0.0
+    """Passes over the training data (used when max_steps is 0)."""
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables clipping."""
+    seed: int = 0
+    log_every: int = 1
+    """Write a metrics.jsonl record every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end); needs data.eval_files."""
+    eval_batches: int = 0
+    """Cap on eval micro-batches per evaluation (0: the whole eval set)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, eval.jsonl, merged/, adapter/."""
+    save_merged: bool = True
+    """Write merged/: a full transformers checkpoint of the fine-tuned weights."""
+    save_adapter: bool = True
+    """For lora: also write adapter/ in PEFT format."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs wandb; WANDB_MODE=offline works)."""
+    wandb_project: str = "scalora-dist"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed dataclasses
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `key.path=value` overrides, validate, return a Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Return value converted to `hint`, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{key}: {value!r} is not valid ({'; or '.join(errors)})")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and item_type is str and not isinstance(value, bool):
+            value = [value]  # a single name is a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")  # a bug in this file, not in the config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    m, a, d, t = config.model, config.adapter, config.data, config.train
+    if not m.path:
+        raise ConfigError("model.path: required (a local transformers checkpoint directory)")
+    _positive("adapter.rank", a.rank)
+    _positive("adapter.alpha", a.alpha)
+    if not 0.0 <= a.dropout < 1.0:
+        raise ConfigError(f"adapter.dropout: must be in [0, 1), got {a.dropout}")
+    if a.method == "scalora" and a.dropout != 0.0:
+        raise ConfigError(
+            "adapter.dropout: must be 0 for method scalora (dropout changes the function "
+            "across a merge, so the rewrite would not be exact)"
+        )
+    if isinstance(a.target_modules, list) and not a.target_modules:
+        raise ConfigError("adapter.target_modules: empty list; give names or 'all-linear'")
+    s = a.scalora
+    _positive("adapter.scalora.interval", s.interval)
+    _positive("adapter.scalora.kappa_multiplier", s.kappa_multiplier)
+    if s.kappa != "auto":
+        _positive("adapter.scalora.kappa", s.kappa)
+    if s.warmup_steps < 0:
+        raise ConfigError("adapter.scalora.warmup_steps: must be >= 0")
+    if not d.train_files:
+        raise ConfigError("data.train_files: required (one or more local files)")
+    _positive("data.max_length", d.max_length)
+    if t.max_steps < 0 or t.epochs < 0:
+        raise ConfigError("train.max_steps / train.epochs: must be >= 0")
+    if (t.max_steps > 0) == (t.epochs > 0):
+        raise ConfigError("train: set exactly one of train.max_steps and train.epochs")
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.grad_accum_steps", t.grad_accum_steps)
+    _positive("train.lr", t.lr)
+    _positive("train.log_every", t.log_every)
+    for name in ("warmup_steps", "eval_every", "eval_batches"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}: must be >= 0")
+    if t.weight_decay < 0 or t.max_grad_norm < 0 or t.adam_eps <= 0:
+        raise ConfigError("train.weight_decay / max_grad_norm must be >= 0 and adam_eps > 0")
+    if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas: two numbers in [0, 1), got {t.adam_betas}")
+    if t.eval_every and not d.eval_files:
+        raise ConfigError("train.eval_every: set, but data.eval_files is empty")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal after each field), for --help and the README."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

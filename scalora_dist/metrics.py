@@ -1,0 +1,128 @@
+"""Metrics: metrics.jsonl / eval.jsonl always, TensorBoard and W&B when asked, a rich
+progress bar on the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from scalora_dist.config import ConfigError, OutputConfig
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsWriter:
+    """Appends one JSON object per record; mirrors scalars to TensorBoard / W&B if enabled."""
+
+    def __init__(self, cfg: OutputConfig, run_dir: Path, run_config: dict[str, Any]):
+        self.run_dir = run_dir
+        self.train_path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
+        self._tb = None
+        self._wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "output.tensorboard: true, but tensorboard is not installed "
+                    "(pip install 'scalora-dist[tensorboard]')"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(
+                    "output.wandb: true, but wandb is not installed (pip install 'scalora-dist[wandb]')"
+                ) from None
+            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=run_config)
+
+    def log_train(self, record: dict[str, Any]) -> None:
+        self._append(self.train_path, record)
+        self._mirror("train", record)
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        self._append(self.eval_path, record)
+        self._mirror("eval", record)
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _mirror(self, prefix: str, record: dict[str, Any]) -> None:
+        step = record["step"]
+        scalars = {
+            f"{prefix}/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class ProgressDisplay:
+    """A rich progress bar whose description shows the latest loss, lr, tokens/s and
+    ScaLoRA counts. Silent when `enabled` is False (non-zero ranks)."""
+
+    def __init__(self, total_steps: int, enabled: bool = True):
+        self.console = Console(stderr=False, quiet=not enabled)
+        self._progress = Progress(
+            TextColumn("[bold]step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+            console=self.console,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task("", total=total_steps)
+
+    def __enter__(self) -> ProgressDisplay:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        if "scalora_column" in record:
+            parts.append(
+                f"col/scal/skip {record['scalora_column']}/{record['scalora_scalar']}/"
+                f"{record['scalora_skipped']}"
+            )
+            if record.get("scalora_mean_alpha") is not None:
+                parts.append(f"α {record['scalora_mean_alpha']:.3f} β {record['scalora_mean_beta']:.3f}")
+        self._progress.update(self._task, completed=step, description="  ".join(parts))
+        if not sys.stdout.isatty() and (step == 1 or step % 50 == 0):
+            # No live bar in a log file: leave a plain line now and then.
+            self.console.print(f"step {step}: " + "  ".join(parts))
+
+    def print(self, *args: Any) -> None:
+        self.console.print(*args)
+
+
+def format_eval(record: dict[str, Any]) -> str:
+    ppl = math.exp(record["eval_loss"]) if record["eval_loss"] < 50 else float("inf")
+    return f"eval @ step {record['step']}: loss {record['eval_loss']:.4f}  ppl {ppl:.2f}"

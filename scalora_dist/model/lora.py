@@ -1,0 +1,171 @@
+"""Our LoRA layer, its injection into a transformers model, and the exports.
+
+We wrap `nn.Linear` ourselves (not with PEFT) because ScaLoRA needs direct control of the
+factors, the merge into the base and the optimizer state. PEFT stays the reference
+*reader* of the adapters we export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from scalora_dist.config import AdapterConfig, ConfigError
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s * lora_B(lora_A(dropout(x))), s = alpha/r (or alpha/sqrt(r) for rsLoRA).
+
+    Factors are plain parameters (`lora_A` (r, in), `lora_B` (out, r)) so FSDP2 can shard
+    them like any other parameter. Computation happens in the input's dtype; the stored
+    weights keep their own (float32 masters under bf16 compute).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # PEFT's default: Kaiming-uniform A, zero B, so training starts at the base model.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+        y = F.linear(x, self.base.weight.to(x.dtype), bias)
+        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scale
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """s * lora_B @ lora_A, in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:.4g}"
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the nn.Linear modules to adapt; a name that matches nothing is an error."""
+    heads = output_head_names(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+    if target_modules == "all-linear":
+        if not linears:
+            raise ConfigError("adapter.target_modules: all-linear, but the model has no nn.Linear")
+        return linears
+    all_names = [n for n, _ in model.named_modules()]
+    chosen: list[str] = []
+    for target in target_modules:
+        hits = [n for n in all_names if n == target or n.endswith("." + target)]
+        if not hits:
+            available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ConfigError(
+                f"adapter.target_modules: {target!r} matches no module of this model; "
+                f"its linear layers are named: {', '.join(available)}"
+            )
+        not_linear = [n for n in hits if n not in linears]
+        if not_linear:
+            kind = type(model.get_submodule(not_linear[0])).__name__
+            raise ConfigError(
+                f"adapter.target_modules: {target!r} matches {not_linear[0]} ({kind}), which is "
+                "not an nn.Linear (or is the output head); only linear layers can be adapted"
+            )
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Freeze the model and make the targeted layers trainable as `cfg.method` says.
+
+    lora / scalora: wrap each target in LoRALinear (only the factors train). For scalora the
+    base weights become float32, since per-step merges are too small for bf16.
+    full: the targeted weights themselves train (in float32).
+    Returns the targeted module names.
+    """
+    names = find_target_linears(model, cfg.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        linear = model.get_submodule(name)
+        if cfg.method == "full":
+            linear.float()
+            linear.weight.requires_grad_(True)
+            continue
+        if cfg.method == "scalora":
+            linear.float()
+        layer = LoRALinear(linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout)
+        _set_submodule(model, name, layer)
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_and_unwrap(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put the plain nn.Linear back, so the
+    model is an ordinary transformers model again (for save_pretrained)."""
+    for name, layer in lora_layers(model).items():
+        base = layer.base
+        base.weight.copy_((base.weight.float() + layer.delta_weight()).to(base.weight.dtype))
+        _set_submodule(model, name, base)
+
+
+def save_peft_adapter(
+    model: nn.Module, out_dir: str | Path, cfg: AdapterConfig, base_model_path: str
+) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's LoRA format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(model)
+    tensors = {}
+    for name, layer in layers.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_path),
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "use_rslora": cfg.use_rslora,
+        "lora_dropout": cfg.dropout,
+        # Exact module names, so PEFT adapts precisely the layers we trained.
+        "target_modules": sorted(layers),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

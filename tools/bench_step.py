@@ -1,0 +1,149 @@
+"""Step time and peak memory of LoRA vs ScaLoRA (I = 1, I = 10), side by side in one run.
+
+    python tools/bench_step.py                        # tiny Llama built on the fly, CPU
+    python tools/bench_step.py --hidden-size 512 --num-layers 8 --steps 30
+
+Timing: the variants live in one process and their steps are interleaved (lora, scalora,
+scalora-I10, lora, ...), so machine noise hits them alike; the table reports the median
+step time and its ratio to LoRA. Peak RSS: each variant runs again alone in a fresh
+process (ru_maxrss only grows), for the same number of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+VARIANTS = {
+    "lora": ["adapter.method=lora"],
+    "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
+    "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
+    "full": ["adapter.method=full"],
+}
+
+
+def write_data(path: Path, n: int = 512) -> None:
+    words = "the a cat dog bird sees finds likes near under over blue red green big small".split()
+    with path.open("w") as f:
+        for i in range(n):
+            text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(60))
+            f.write(json.dumps({"text": text}) + "\n")
+
+
+def overrides_for(args: argparse.Namespace, variant: str, model_dir: Path, data: Path) -> list[str]:
+    return [
+        f"model.path={model_dir}",
+        f"data.train_files=[{data}]",
+        f"data.max_length={args.seq_len}",
+        "data.packing=true",
+        f"adapter.rank={args.rank}",
+        f"adapter.alpha={2 * args.rank}",
+        f"adapter.scalora.warmup_steps={args.warmup}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.micro_batch_size={args.batch_size}",
+        f"train.lr=1e-3",
+        f"output.dir={model_dir.parent / 'out'}",
+        *VARIANTS[variant],
+    ]
+
+
+def build_run(args: argparse.Namespace, variant: str, model_dir: Path, data: Path):
+    from scalora_dist.config import load_config
+    from scalora_dist.train import setup
+
+    return setup(load_config(None, overrides_for(args, variant, model_dir, data)))
+
+
+def time_interleaved(args, variants, model_dir, data) -> dict[str, list[float]]:
+    from scalora_dist.train import train_step
+
+    runs = {v: build_run(args, v, model_dir, data) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for step in range(args.warmup + args.steps):
+        for v, run in runs.items():
+            started = time.perf_counter()
+            train_step(run, step)
+            if step >= args.warmup:
+                times[v].append(time.perf_counter() - started)
+    return times
+
+
+def peak_rss_alone(variant: str, argv: list[str]) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--only", variant],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, help="existing checkpoint (default: build a tiny Llama)")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (also ScaLoRA warm-up)")
+    p.add_argument("--variants", default="lora,scalora,scalora-I10")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    import torch
+
+    from scalora_dist.metrics import peak_rss_mib
+    from scalora_dist.model.tiny import make_tiny_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        data = tmp_path / "bench.jsonl"
+        write_data(data)
+        model_dir = args.model_dir or make_tiny_model(
+            tmp_path / "model", hidden_size=args.hidden_size, num_layers=args.num_layers,
+            num_heads=max(1, args.hidden_size // 64), num_kv_heads=max(1, args.hidden_size // 128),
+            intermediate_size=args.hidden_size * 2, corpus_files=[str(data)],
+        )
+        if args.only:
+            from scalora_dist.train import train_step
+
+            run = build_run(args, args.only, Path(model_dir), data)
+            for step in range(args.warmup + args.steps):
+                train_step(run, step)
+            print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+            return
+
+        variants = args.variants.split(",")
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        times = time_interleaved(args, variants, Path(model_dir), data)
+        passthrough = [a for a in sys.argv[1:] if a != "--only"]
+        if not args.model_dir:
+            passthrough += ["--model-dir", str(model_dir)]
+        rss = {v: peak_rss_alone(v, passthrough) for v in variants}
+
+    base = statistics.median(times[variants[0]])
+    table = Table(title=f"step time, {args.steps} interleaved steps per variant, "
+                  f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, "
+                  f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads")
+    for col in ("variant", "median step (ms)", f"ratio to {variants[0]}", "peak RSS alone (MiB)"):
+        table.add_column(col, justify="right")
+    for v in variants:
+        med = statistics.median(times[v])
+        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{rss[v]:.0f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
