@@ -59,6 +59,9 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
+    from scalora_dist.metrics import quiet_libraries
+
+    quiet_libraries()
     from scalora_dist.data import DataError
     from scalora_dist.train import TrainingError, train as run_training
 
@@ -114,11 +117,11 @@ def make_tiny_model(
         "default: the shipped quickstart corpus."
     ),
     vocab_size: int = typer.Option(512),
-    hidden_size: int = typer.Option(64),
-    num_layers: int = typer.Option(2),
+    hidden_size: int = typer.Option(256),
+    num_layers: int = typer.Option(4),
     num_heads: int = typer.Option(4),
     num_kv_heads: int = typer.Option(2),
-    intermediate_size: int = typer.Option(128),
+    intermediate_size: int = typer.Option(512),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a small random-weight causal LM and an offline-trained tokenizer, saved as a normal transformers checkpoint (no hub download)."""

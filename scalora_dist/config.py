@@ -62,7 +62,7 @@ class AdapterConfig:
     """LoRA alpha: scale s = alpha/r, or alpha/sqrt(r) with use_rslora."""
     use_rslora: bool = False
     """Rank-stabilised scaling s = alpha/sqrt(r) (Kalajdzievski 2023)."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """Module names to adapt (matched on the last dotted components, as PEFT does) or
     `all-linear`: every nn.Linear except the output head."""
     dropout: float = 0.0
@@ -85,7 +85,8 @@ class DataConfig:
     response_field: str = "response"
     messages_field: str = "messages"
     max_length: int = 512
-    """Examples are truncated to this many tokens (packed sequences have exactly this length)."""
+    """Sequence length: examples are truncated to it; with packing, examples are not cut
+    but concatenated and split into chunks of exactly this length."""
     packing: bool = False
     """Concatenate tokenised examples (EOS-separated) into full `max_length` sequences."""
 

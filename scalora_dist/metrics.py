@@ -4,14 +4,22 @@ progress bar on the console."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
-import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from scalora_dist.config import ConfigError, OutputConfig
 
@@ -80,22 +88,33 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+class _ProgressWithStats(Progress):
+    """A progress bar with one line of training statistics under it."""
+
+    stats = Text("")
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        yield self.stats
+
+
 class ProgressDisplay:
-    """A rich progress bar whose description shows the latest loss, lr, tokens/s and
-    ScaLoRA counts. Silent when `enabled` is False (non-zero ranks)."""
+    """A rich progress bar with the latest loss, lr, tokens/s and ScaLoRA counts under it.
+    Silent when `enabled` is False (non-zero ranks, --quiet)."""
 
     def __init__(self, total_steps: int, enabled: bool = True):
-        self.console = Console(stderr=False, quiet=not enabled)
-        self._progress = Progress(
+        self.console = Console(quiet=not enabled)
+        self._progress = _ProgressWithStats(
             TextColumn("[bold]step"),
             MofNCompleteColumn(),
             BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.description}"),
             console=self.console,
             disable=not enabled,
         )
-        self._task = self._progress.add_task("", total=total_steps)
+        self._task = self._progress.add_task("train", total=total_steps)
 
     def __enter__(self) -> ProgressDisplay:
         self._progress.start()
@@ -105,22 +124,40 @@ class ProgressDisplay:
         self._progress.stop()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
-        parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
-        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+        parts = [
+            f"loss {record['loss']:.4f}",
+            f"lr {record['lr']:.2e}",
+            f"grad {record['grad_norm']:.3g}",
+            f"{record['tokens_per_s']:,.0f} tok/s",
+        ]
         if "scalora_column" in record:
             parts.append(
-                f"col/scal/skip {record['scalora_column']}/{record['scalora_scalar']}/"
+                f"scalora col/scal/skip {record['scalora_column']}/{record['scalora_scalar']}/"
                 f"{record['scalora_skipped']}"
             )
             if record.get("scalora_mean_alpha") is not None:
                 parts.append(f"α {record['scalora_mean_alpha']:.3f} β {record['scalora_mean_beta']:.3f}")
-        self._progress.update(self._task, completed=step, description="  ".join(parts))
-        if not sys.stdout.isatty() and (step == 1 or step % 50 == 0):
+        line = "  ".join(parts)
+        self._progress.stats = Text(line)
+        self._progress.update(self._task, completed=step)
+        if not self.console.is_terminal and (step == 1 or step % 50 == 0):
             # No live bar in a log file: leave a plain line now and then.
-            self.console.print(f"step {step}: " + "  ".join(parts))
+            self.console.print(f"step {step}: {line}", highlight=False)
 
     def print(self, *args: Any) -> None:
-        self.console.print(*args)
+        self.console.print(*args, highlight=False)
+
+
+def quiet_libraries() -> None:
+    """Our progress bar replaces the libraries' own bars and per-call warnings."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # bitsandbytes warns at import on some CPUs about an optional hub kernel we never use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def format_eval(record: dict[str, Any]) -> str:

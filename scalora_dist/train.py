@@ -1,0 +1,273 @@
+"""The training recipe: setup in a fixed order, then a loop that reads top to bottom.
+
+setup: run dir -> tokenizer -> model -> adapters -> data -> optimizer -> scheduler -> ScaLoRA
+step:  micro-batches forward/backward -> [ScaLoRA refactor] -> clip -> optimizer step ->
+       scheduler -> metrics -> (eval)
+end:   final eval -> exports (PEFT adapter for lora, merged transformers checkpoint)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from scalora_dist.config import Config, to_dict, to_yaml
+from scalora_dist.data import BatchLoader, load_split
+from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
+from scalora_dist.model.loading import DTYPES, load_model, load_tokenizer
+from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap, save_peft_adapter
+from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
+
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class Run:
+    """Everything a training step needs, built by `setup` in a fixed order."""
+
+    cfg: Config
+    device: torch.device
+    tokenizer: Any
+    model: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: BatchLoader
+    eval_loader: BatchLoader | None
+    scalora: ScaLoRA | None
+    total_steps: int
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: float
+    report: RefactorReport | None
+
+
+def setup(cfg: Config) -> Run:
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device)
+    inject_adapters(model, cfg.adapter)
+    model.to(device)
+
+    train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
+    train_loader = BatchLoader(
+        train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id, seed=cfg.train.seed
+    )
+    eval_loader = None
+    if cfg.data.eval_files:
+        eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files)
+        eval_loader = BatchLoader(
+            eval_set, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+            shuffle=False, drop_last=False,
+        )
+    total_steps = cfg.train.max_steps or max(
+        1, math.ceil(cfg.train.epochs * train_loader.batches_per_epoch() / cfg.train.grad_accum_steps)
+    )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.adam_betas),
+        eps=cfg.train.adam_eps,
+        weight_decay=cfg.train.weight_decay,
+    )
+    scheduler = get_scheduler(
+        SCHEDULERS[cfg.train.lr_scheduler], optimizer,
+        num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps,
+    )
+    scalora = None
+    if cfg.adapter.method == "scalora":
+        scalora = ScaLoRA(cfg.adapter.scalora, list(lora_layers(model).values()), optimizer)
+    return Run(
+        cfg, device, tokenizer, model, params, optimizer, scheduler,
+        train_loader, eval_loader, scalora, total_steps,
+    )
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """One optimizer step; `step` counts the steps already taken."""
+    run.model.train()
+    loss, tokens = forward_backward(run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device)
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"step {step + 1}: loss is {loss}; stopping before the optimizer step "
+            "(lower train.lr, check the data, or enable gradient clipping)"
+        )
+    report = None
+    if run.scalora is not None and run.scalora.is_due(step):
+        report = run.scalora.refactor()
+    max_norm = run.cfg.train.max_grad_norm or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, tokens, grad_norm, report)
+
+
+def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "eval.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run = setup(cfg)
+
+    writer = MetricsWriter(cfg.output, run_dir, to_dict(cfg))
+    history: list[dict[str, Any]] = []
+    window = _Window()
+    eval_loss = None
+    with ProgressDisplay(run.total_steps, enabled=show_progress) as progress:
+        trainable = sum(p.numel() for p in run.params)
+        progress.print(
+            f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
+            f"{trainable:,} trainable parameters, {run.total_steps} steps, device {run.device}"
+        )
+        for step in range(run.total_steps):
+            started = time.perf_counter()
+            result = train_step(run, step)
+            window.add(result.loss, result.tokens, time.perf_counter() - started, result.report)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == run.total_steps:
+                record = {
+                    "step": done,
+                    **window.flush(),
+                    "lr": run.scheduler.get_last_lr()[0],
+                    "grad_norm": result.grad_norm,
+                    "peak_rss_mib": round(peak_rss_mib(), 1),
+                }
+                writer.log_train(record)
+                history.append(record)
+                progress.update(done, record)
+            eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0
+            if run.eval_loader is not None and (eval_due or done == run.total_steps):
+                eval_loss = evaluate(run.model, run.eval_loader, run.device, cfg.train.eval_batches)
+                record = {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+                writer.log_eval(record)
+                progress.print(format_eval(record))
+
+    export(run.model, run.tokenizer, cfg, run_dir)
+    writer.close()
+    return TrainResult(run_dir, run.total_steps, history[-1]["loss"], eval_loss, history)
+
+
+def forward_backward(
+    model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device
+) -> tuple[float, int]:
+    """Accumulate gradients over `accum_steps` micro-batches. The loss is the mean over all
+    labelled tokens of the whole step (not a mean of per-batch means), so the result does
+    not depend on how the step is split into micro-batches."""
+    batches = [loader.next_batch() for _ in range(accum_steps)]
+    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    num_items = torch.tensor(max(labelled, 1), device=device)
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch, num_items_in_batch=num_items)
+        out.loss.backward()
+        total += out.loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return total, tokens
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0) -> float:
+    """Mean loss per labelled token over the eval set."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        out = model(**batch, num_items_in_batch=torch.tensor(n, device=device))
+        loss_sum += out.loss.item() * n
+        count += n
+    model.train()
+    return loss_sum / max(count, 1)
+
+
+def export(model: nn.Module, tokenizer: Any, cfg: Config, run_dir: Path) -> None:
+    """PEFT adapter (lora) first, since the merge below folds the adapters away."""
+    if cfg.adapter.method == "lora" and cfg.output.save_adapter:
+        save_peft_adapter(model, run_dir / "adapter", cfg.adapter, cfg.model.path)
+    if cfg.output.save_merged:
+        merge_and_unwrap(model)
+        model.to(DTYPES[cfg.model.dtype])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.config.use_cache = True
+        model.save_pretrained(run_dir / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "merged")
+
+
+class _Window:
+    """Sums a few steps' figures between two metrics records."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+        self.reports: list[RefactorReport] = []
+        self.any_scalora = False
+
+    def add(self, loss: float, tokens: int, seconds: float, report: RefactorReport | None) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.seconds += seconds
+        if report is not None:
+            self.reports.append(report)
+
+    def flush(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "loss": sum(self.losses) / len(self.losses),
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "step_time_s": self.seconds / max(len(self.losses), 1),
+        }
+        if self.reports:
+            out["scalora_refactors"] = len(self.reports)
+            out["scalora_column"] = sum(r.column for r in self.reports)
+            out["scalora_scalar"] = sum(r.scalar for r in self.reports)
+            out["scalora_skipped"] = sum(r.skipped for r in self.reports)
+            alphas = [r.mean_alpha for r in self.reports if r.mean_alpha is not None]
+            betas = [r.mean_beta for r in self.reports if r.mean_beta is not None]
+            out["scalora_mean_alpha"] = sum(alphas) / len(alphas) if alphas else None
+            out["scalora_mean_beta"] = sum(betas) / len(betas) if betas else None
+            out["scalora_kappa"] = self.reports[-1].kappa
+        self.reset()
+        return out

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny offline models (built once per test session) and data helpers.
+
+* `tiny_llama` -> Path of a tiny llama checkpoint (default sizes of make_tiny_model).
+* `tiny_model` -> factory: `tiny_model("qwen2")` -> Path, one build per arch per session.
+* `tiny_tokenizer` -> the tiny llama's tokenizer, loaded with AutoTokenizer.
+* `write_jsonl` -> the helper of tests/helpers.py (also importable: `from helpers import ...`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))  # for `from helpers import ...`
+
+from helpers import write_jsonl as _write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(arch="llama") -> Path of a tiny checkpoint of that arch (default
+    sizes), built once per session and arch. Treat the directory as read-only."""
+    from scalora_dist.model.tiny import make_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def build(arch: str = "llama") -> Path:
+        if arch not in built:
+            built[arch] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch)
+        return built[arch]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model) -> Path:
+    """Path of a tiny llama checkpoint (read-only; copy it if a test must modify it)."""
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture
+def write_jsonl():
+    """write_jsonl(path, records) -> Path (see tests/helpers.py)."""
+    return _write_jsonl
