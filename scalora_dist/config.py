@@ -41,7 +41,7 @@ class ScaLoRAConfig:
     interval: int = 1
     """Refactor every `interval` optimizer steps (ScaLoRA-I); plain LoRA steps in between."""
     kappa: float | Literal["auto"] = "auto"
-    """kappa = 1/(L*eta) of method.md. `auto`: mean of ||a_i||*||b_i|| over all layers and
+    """kappa = 1/(L*eta) of method.md. `auto`: mean of ‖a_i‖·‖b_i‖ over all layers and
     columns at the first refactor, so refactoring starts near alpha*beta = 1."""
     kappa_multiplier: float = 1.0
     """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
@@ -81,9 +81,13 @@ class DataConfig:
     on the response only; `chat`: `messages_field` rendered with the tokenizer's chat
     template, loss on assistant turns only."""
     text_field: str = "text"
+    """Field holding the text (format text)."""
     prompt_field: str = "prompt"
+    """Field holding the prompt (format instruction; no loss on it)."""
     response_field: str = "response"
+    """Field holding the response (format instruction; the loss is on it)."""
     messages_field: str = "messages"
+    """Field holding the list of {role, content} messages (format chat)."""
     max_length: int = 512
     """Sequence length: examples are truncated to it; with packing, examples are not cut
     but concatenated and split into chunks of exactly this length."""
@@ -98,17 +102,25 @@ class TrainConfig:
     epochs: float = 0.0
     """Passes over the training data (used when max_steps is 0)."""
     micro_batch_size: int = 4
+    """Sequences per forward/backward pass (per process)."""
     grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; the step's loss is the mean over all its labelled tokens."""
     lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after the warm-up: cosine or linear to 0, or constant."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
     adam_eps: float = 1e-8
+    """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm; 0 disables clipping."""
     seed: int = 0
+    """Seed for adapter initialisation and data order."""
     log_every: int = 1
     """Write a metrics.jsonl record every this many steps."""
     eval_every: int = 0
@@ -130,6 +142,7 @@ class OutputConfig:
     wandb: bool = False
     """Also log to Weights & Biases (needs wandb; WANDB_MODE=offline works)."""
     wandb_project: str = "scalora-dist"
+    """W&B project name."""
 
 
 @dataclass

@@ -101,7 +101,9 @@ def main() -> None:
 
     import torch
 
-    from scalora_dist.metrics import peak_rss_mib
+    from scalora_dist.metrics import peak_rss_mib, quiet_libraries
+
+    quiet_libraries()
     from scalora_dist.model.tiny import make_tiny_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
