@@ -26,10 +26,13 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""
     """Local directory of a transformers causal-LM checkpoint (config.json + safetensors)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Load/storage dtype of the model. LoRA factors, and the targeted base weights of
-    scalora and full runs, are kept in float32 regardless (a bf16 base would round the
-    small per-step ScaLoRA merges away); computation runs in this dtype."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute and storage dtype of the model; `auto`: bfloat16 on a CUDA GPU, float32 on
+    CPU. LoRA factors, and the targeted base weights of scalora and full runs, are kept in
+    float32 regardless (a bf16 base would round the small per-step ScaLoRA merges away)."""
+    cpu_offload: bool = False
+    """FSDP2 runs (several processes): keep sharded parameters, gradients and optimizer
+    state in host memory (FSDP2's CPUOffloadPolicy)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. `flash_attention_2` needs the optional flash-attn package."""
     gradient_checkpointing: bool = False

@@ -1,9 +1,13 @@
 """The training recipe: setup in a fixed order, then a loop that reads top to bottom.
 
-setup: run dir -> tokenizer -> model -> adapters -> data -> optimizer -> scheduler -> ScaLoRA
-step:  micro-batches forward/backward -> [ScaLoRA refactor] -> clip -> optimizer step ->
-       scheduler -> metrics -> (eval)
+setup: process group -> tokenizer -> model (FSDP2-sharded when several processes) ->
+       adapters -> data -> optimizer -> scheduler -> ScaLoRA
+step:  micro-batches forward/backward (FSDP2 gathers, reduce-scatters) -> [ScaLoRA refactor:
+       local statistics -> one all-reduce -> solve -> merge into own shard -> rescale] ->
+       clip -> optimizer step -> scheduler -> metrics -> (eval)
 end:   final eval -> exports (PEFT adapter for lora, merged transformers checkpoint)
+
+One process runs the same code with a world of one; only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, load_split
+from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, init_distributed
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
-from scalora_dist.model.loading import DTYPES, load_model, load_tokenizer
+from scalora_dist.model.loading import load_model, load_tokenizer, model_dtype
 from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap, save_peft_adapter
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
@@ -41,16 +47,12 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 @dataclass
 class Run:
     """Everything a training step needs, built by `setup` in a fixed order."""
 
     cfg: Config
-    device: torch.device
+    dist: DistInfo
     tokenizer: Any
     model: nn.Module
     params: list[nn.Parameter]
@@ -61,6 +63,10 @@ class Run:
     scalora: ScaLoRA | None
     total_steps: int
 
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
 
 @dataclass
 class StepResult:
@@ -70,25 +76,29 @@ class StepResult:
     report: RefactorReport | None
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
+    dist = dist or init_distributed()
     torch.manual_seed(cfg.train.seed)
-    device = pick_device()
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, device)
-    inject_adapters(model, cfg.adapter)
-    model.to(device)
+    if dist.distributed:
+        from scalora_dist.model.sharding import build_sharded_model
 
-    train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
-    train_loader = BatchLoader(
-        train_set, cfg.train.micro_batch_size, tokenizer.pad_token_id, seed=cfg.train.seed
-    )
-    eval_loader = None
-    if cfg.data.eval_files:
-        eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files)
-        eval_loader = BatchLoader(
-            eval_set, cfg.train.micro_batch_size, tokenizer.pad_token_id,
-            shuffle=False, drop_last=False,
+        model = build_sharded_model(
+            cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, cpu_offload=cfg.model.cpu_offload
         )
+    else:
+        model = load_model(cfg.model, dist.device)
+        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+        model.to(dist.device)
+
+    def loader(files: list[str], train: bool) -> BatchLoader:
+        return BatchLoader(
+            load_split(cfg.data, tokenizer, files), cfg.train.micro_batch_size, tokenizer.pad_token_id,
+            seed=cfg.train.seed, shuffle=train, drop_last=train, rank=dist.rank, world_size=dist.world_size,
+        )
+
+    train_loader = loader(cfg.data.train_files, train=True)
+    eval_loader = loader(cfg.data.eval_files, train=False) if cfg.data.eval_files else None
     total_steps = cfg.train.max_steps or max(
         1, math.ceil(cfg.train.epochs * train_loader.batches_per_epoch() / cfg.train.grad_accum_steps)
     )
@@ -107,9 +117,12 @@ def setup(cfg: Config) -> Run:
     )
     scalora = None
     if cfg.adapter.method == "scalora":
-        scalora = ScaLoRA(cfg.adapter.scalora, list(lora_layers(model).values()), optimizer)
+        scalora = ScaLoRA(
+            cfg.adapter.scalora, list(lora_layers(model).values()), optimizer,
+            all_reduce=all_reduce_sum_ if dist.distributed else None,
+        )
     return Run(
-        cfg, device, tokenizer, model, params, optimizer, scheduler,
+        cfg, dist, tokenizer, model, params, optimizer, scheduler,
         train_loader, eval_loader, scalora, total_steps,
     )
 
@@ -117,6 +130,8 @@ def setup(cfg: Config) -> Run:
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step; `step` counts the steps already taken."""
     run.model.train()
+    if run.scalora is not None:
+        run.scalora.prepare(step)
     loss, tokens = forward_backward(run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device)
     if not math.isfinite(loss):
         raise TrainingError(
@@ -127,30 +142,35 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.scalora is not None and run.scalora.is_due(step):
         report = run.scalora.refactor()
     max_norm = run.cfg.train.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, tokens, grad_norm, report)
+    return StepResult(loss, tokens, grad_norm.item(), report)
 
 
 def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+    dist = init_distributed()
     run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "eval.jsonl"):
-        (run_dir / stale).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    run = setup(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("metrics.jsonl", "eval.jsonl"):
+            (run_dir / stale).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run = setup(cfg, dist)
 
-    writer = MetricsWriter(cfg.output, run_dir, to_dict(cfg))
+    writer = MetricsWriter(cfg.output, run_dir, to_dict(cfg)) if dist.is_main else None
     history: list[dict[str, Any]] = []
     window = _Window()
     eval_loss = None
-    with ProgressDisplay(run.total_steps, enabled=show_progress) as progress:
+    with ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main) as progress:
         trainable = sum(p.numel() for p in run.params)
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
-            f"{trainable:,} trainable parameters, {run.total_steps} steps, device {run.device}"
+            f"{trainable:,} trainable parameters, {run.total_steps} steps, "
+            f"{dist.world_size} process(es) on {run.device.type}"
         )
         for step in range(run.total_steps):
             started = time.perf_counter()
@@ -163,73 +183,92 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
                     **window.flush(),
                     "lr": run.scheduler.get_last_lr()[0],
                     "grad_norm": result.grad_norm,
-                    "peak_rss_mib": round(peak_rss_mib(), 1),
+                    "peak_rss_mib": round(all_reduce_max(peak_rss_mib(), run.device), 1),
                 }
-                writer.log_train(record)
                 history.append(record)
+                if writer is not None:
+                    writer.log_train(record)
                 progress.update(done, record)
             eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0
             if run.eval_loader is not None and (eval_due or done == run.total_steps):
                 eval_loss = evaluate(run.model, run.eval_loader, run.device, cfg.train.eval_batches)
                 record = {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
-                writer.log_eval(record)
+                if writer is not None:
+                    writer.log_eval(record)
                 progress.print(format_eval(record))
 
-    export(run.model, run.tokenizer, cfg, run_dir)
-    writer.close()
+    export(run, run_dir)
+    if writer is not None:
+        writer.close()
     return TrainResult(run_dir, run.total_steps, history[-1]["loss"], eval_loss, history)
 
 
 def forward_backward(
     model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device
 ) -> tuple[float, int]:
-    """Accumulate gradients over `accum_steps` micro-batches. The loss is the mean over all
-    labelled tokens of the whole step (not a mean of per-batch means), so the result does
-    not depend on how the step is split into micro-batches."""
+    """Accumulate gradients over `accum_steps` micro-batches. Every rank divides its summed
+    token losses by the labelled-token count of the whole global step, and FSDP2 sums the
+    gradients: the result is the mean over all the step's tokens, independent of how the
+    step is split into micro-batches and ranks. Returns the global loss and token count."""
     batches = [loader.next_batch() for _ in range(accum_steps)]
-    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    counts = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+         sum(int(b["attention_mask"].sum()) for b in batches)],
+        dtype=torch.float64, device=device,
+    )
+    all_reduce_sum_(counts)
+    labelled, tokens = int(counts[0]), int(counts[1])
     num_items = torch.tensor(max(labelled, 1), device=device)
-    total, tokens = 0.0, 0
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch, num_items_in_batch=num_items)
         out.loss.backward()
-        total += out.loss.item()
-        tokens += int(batch["attention_mask"].sum())
-    return total, tokens
+        loss += out.loss.detach().double()
+    all_reduce_sum_(loss)
+    return loss.item(), tokens
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0) -> float:
-    """Mean loss per labelled token over the eval set."""
+    """Mean loss per labelled token over the eval set (all ranks' shares together). Ranks
+    with fewer batches run masked copies, since FSDP2 needs every rank in every forward."""
     model.eval()
-    loss_sum, count = 0.0, 0
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
+    batches = list(loader)
+    n_batches = int(all_reduce_max(len(batches), device))
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled tokens
+    for i in range(n_batches):
+        batch = batches[i] if i < len(batches) else _masked(batches[0])
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        if n == 0:
-            continue
-        out = model(**batch, num_items_in_batch=torch.tensor(n, device=device))
-        loss_sum += out.loss.item() * n
-        count += n
+        out = model(**batch, num_items_in_batch=torch.tensor(max(n, 1), device=device))
+        totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=device)
+    all_reduce_sum_(totals)
     model.train()
-    return loss_sum / max(count, 1)
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def export(model: nn.Module, tokenizer: Any, cfg: Config, run_dir: Path) -> None:
+def _masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def export(run: Run, run_dir: Path) -> None:
     """PEFT adapter (lora) first, since the merge below folds the adapters away."""
+    cfg = run.cfg
     if cfg.adapter.method == "lora" and cfg.output.save_adapter:
-        save_peft_adapter(model, run_dir / "adapter", cfg.adapter, cfg.model.path)
-    if cfg.output.save_merged:
-        merge_and_unwrap(model)
-        model.to(DTYPES[cfg.model.dtype])
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.config.use_cache = True
-        model.save_pretrained(run_dir / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "merged")
+        save_peft_adapter(run.model, run_dir / "adapter", cfg.adapter, cfg.model.path)
+    if not cfg.output.save_merged:
+        return
+    model = run.model
+    merge_and_unwrap(model)
+    model.to(model_dtype(cfg.model, run.device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = True
+    model.save_pretrained(run_dir / "merged", safe_serialization=True)
+    run.tokenizer.save_pretrained(run_dir / "merged")
 
 
 class _Window:
@@ -243,7 +282,6 @@ class _Window:
         self.tokens = 0
         self.seconds = 0.0
         self.reports: list[RefactorReport] = []
-        self.any_scalora = False
 
     def add(self, loss: float, tokens: int, seconds: float, report: RefactorReport | None) -> None:
         self.losses.append(loss)
@@ -269,5 +307,8 @@ class _Window:
             out["scalora_mean_alpha"] = sum(alphas) / len(alphas) if alphas else None
             out["scalora_mean_beta"] = sum(betas) / len(betas) if betas else None
             out["scalora_kappa"] = self.reports[-1].kappa
+            out["scalora_reduced_bytes"] = sum(r.reduced_bytes for r in self.reports)
+            out["scalora_gathered_bytes"] = sum(r.gathered_bytes for r in self.reports)
+            out["scalora_collectives"] = sum(r.collectives for r in self.reports)
         self.reset()
         return out

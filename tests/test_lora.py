@@ -166,6 +166,7 @@ def test_layer_forward_matches_dense_weight():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
     layer = LoRALinear(copy.deepcopy(base), rank=3, alpha=6.0, use_rslora=False, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_A)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 12)
     dense = torch.nn.functional.linear(x, base.weight + layer.delta_weight(), base.bias)

@@ -91,7 +91,7 @@ def test_scalora_on_each_architecture_exports_what_it_trained(arch, tiny_model, 
         assert torch.isfinite(torch.tensor(result.loss))
     ids = _probe_ids(cfg.model.path)
     expected = _logits(run.model, ids)
-    export(run.model, run.tokenizer, cfg, tmp_path)
+    export(run, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits(reloaded, ids), expected, rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path)

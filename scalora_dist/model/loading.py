@@ -14,6 +14,16 @@ from scalora_dist.config import ConfigError, ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_dtype(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that supports it, float32 elsewhere (CPU)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def check_model_dir(path: str) -> Path:
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -43,7 +53,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
         )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        dtype=DTYPES[cfg.dtype],
+        dtype=model_dtype(cfg, device),
         attn_implementation=cfg.attn_implementation,
         device_map={"": torch.device(device)},
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -38,14 +39,14 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        # PEFT's default: Kaiming-uniform A, zero B, so training starts at the base model.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        # Set by ScaLoRA before a refactor step: keep a copy of the full lora_A that FSDP2
+        # all-gathers for the forward anyway, so the merge needs no extra collective.
+        self.capture_full_A = False
+        self.full_A: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.capture_full_A:
+            self.full_A = self.lora_A.detach().float().clone()
         bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
         y = F.linear(x, self.base.weight.to(x.dtype), bias)
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
@@ -58,6 +59,15 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:.4g}"
+
+
+def initial_lora_A(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """PEFT's Kaiming-uniform init, U(-1/sqrt(n), 1/sqrt(n)), drawn from a generator keyed by
+    the layer's name and the run seed: every rank and every world size gets the same values
+    whatever the order of construction or the sharding."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=g, dtype=torch.float64) * 2 - 1).mul_(bound).float()
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -100,12 +110,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
     """Freeze the model and make the targeted layers trainable as `cfg.method` says.
 
     lora / scalora: wrap each target in LoRALinear (only the factors train). For scalora the
     base weights become float32, since per-step merges are too small for bf16.
     full: the targeted weights themselves train (in float32).
+    On the meta device the factors stay uninitialised (the sharded loader fills them).
     Returns the targeted module names.
     """
     names = find_target_linears(model, cfg.target_modules)
@@ -120,6 +131,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         if cfg.method == "scalora":
             linear.float()
         layer = LoRALinear(linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout)
+        if not layer.lora_A.is_meta:
+            with torch.no_grad():
+                layer.lora_A.copy_(initial_lora_A(name, cfg.rank, linear.in_features, seed))
         _set_submodule(model, name, layer)
     return names
 

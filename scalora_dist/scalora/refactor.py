@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import ScaLoRAConfig
 from scalora_dist.model.lora import LoRALinear
@@ -27,7 +28,12 @@ class RefactorReport:
     mean_beta: float | None = None
     kappa: float | None = None
     reduced_bytes: int = 0
-    """Bytes of statistics reduced across ranks this step (0 on one process)."""
+    """Bytes of statistics all-reduced across ranks this step (0 on one process)."""
+    collectives: int = 0
+    """Collectives ScaLoRA issued this step (1 per refactor when distributed)."""
+    gathered_bytes: int = 0
+    """Bytes of lora_A all-gathered for the merge; 0 when the copy FSDP2 gathered for the
+    forward was captured (the normal case)."""
 
     def as_metrics(self) -> dict[str, float | int | None]:
         return {
@@ -38,6 +44,8 @@ class RefactorReport:
             "scalora_mean_beta": self.mean_beta,
             "scalora_kappa": self.kappa,
             "scalora_reduced_bytes": self.reduced_bytes,
+            "scalora_gathered_bytes": self.gathered_bytes,
+            "scalora_collectives": self.collectives,
         }
 
 
@@ -65,6 +73,14 @@ class ScaLoRA:
         since = step - self.cfg.warmup_steps
         return since >= 0 and since % self.cfg.interval == 0
 
+    def prepare(self, step: int) -> None:
+        """Call before the step's forward passes: on a refactor step, sharded layers keep a
+        copy of the full lora_A that FSDP2 gathers for the forward (the merge needs it)."""
+        due = self.is_due(step)
+        for layer in self.layers:
+            layer.capture_full_A = due and isinstance(layer.lora_A, DTensor)
+            layer.full_A = None
+
     def state_dict(self) -> dict:
         return {"kappa": self.kappa}
 
@@ -74,8 +90,10 @@ class ScaLoRA:
     @torch.no_grad()
     def refactor(self) -> RefactorReport:
         layers = [l for l in self.layers if l.lora_A.grad is not None and l.lora_B.grad is not None]
+        # Partial statistics over this rank's rows of lora_B and columns of lora_A.
         grams = [
-            sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale) for l in layers
+            sm.lora_grams(_local(l.lora_A), _local(l.lora_A.grad), _local(l.lora_B), _local(l.lora_B.grad), l.scale)
+            for l in layers
         ]
         report = RefactorReport()
         if grams and self.all_reduce is not None:
@@ -83,6 +101,7 @@ class ScaLoRA:
             flat = torch.cat([torch.cat([p.flatten(), q.flatten()]) for p, q in grams])
             self.all_reduce(flat)
             report.reduced_bytes = flat.numel() * flat.element_size()
+            report.collectives = 1
             grams = _unflatten(flat, [l.rank for l in layers])
         if self.kappa is None:
             self.kappa = auto_kappa(grams)
@@ -102,7 +121,7 @@ class ScaLoRA:
                 report.column += 1
             else:
                 report.scalar += 1
-            self._rewrite(layer, scales)
+            report.gathered_bytes += self._rewrite(layer, scales)
             alphas.append(scales.alpha)
             betas.append(scales.beta)
         if alphas:
@@ -111,18 +130,37 @@ class ScaLoRA:
         return report
 
     @torch.no_grad()
-    def _rewrite(self, layer: LoRALinear, scales: sm.Scales) -> None:
-        sm.merge_increment_(layer.base.weight, layer.lora_A, layer.lora_B, layer.scale, scales)
-        sm.rescale_factors_(layer.lora_A, layer.lora_B, scales)
-        sm.rescale_gradients_(layer.lora_A.grad, layer.lora_B.grad, scales)
+    def _rewrite(self, layer: LoRALinear, scales: sm.Scales) -> int:
+        """Merge into this rank's rows of the base, rescale the local shards of factors,
+        gradients and AdamW moments. Returns the bytes gathered (0 normally)."""
+        full_A, gathered = _full_lora_A(layer)
+        sm.merge_increment_(_local(layer.base.weight), full_A, _local(layer.lora_B), layer.scale, scales)
+        sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
+        sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
         state_A = self.optimizer.state.get(layer.lora_A, {})
         state_B = self.optimizer.state.get(layer.lora_B, {})
         if "exp_avg" in state_A and "exp_avg" in state_B:
             sm.rescale_adam_moments_(
-                state_A["exp_avg"], state_A["exp_avg_sq"],
-                state_B["exp_avg"], state_B["exp_avg_sq"],
+                _local(state_A["exp_avg"]), _local(state_A["exp_avg_sq"]),
+                _local(state_B["exp_avg"]), _local(state_B["exp_avg_sq"]),
                 scales,
             )
+        layer.full_A = None
+        return gathered
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _full_lora_A(layer: LoRALinear) -> tuple[torch.Tensor, int]:
+    """The whole (r, n) lora_A as it was in this step's forward, and the bytes gathered."""
+    if not isinstance(layer.lora_A, DTensor):
+        return layer.lora_A, 0
+    if layer.full_A is not None:
+        return layer.full_A, 0
+    full = layer.lora_A.full_tensor()  # only when no forward captured it (e.g. offloaded)
+    return full, full.numel() * full.element_size()
 
 
 def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
