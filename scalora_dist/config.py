@@ -130,12 +130,17 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end); needs data.eval_files."""
     eval_batches: int = 0
     """Cap on eval micro-batches per evaluation (0: the whole eval set)."""
+    save_every: int = 0
+    """Write a resumable checkpoint (DCP: model shards, optimizer, scheduler, data
+    position, RNG, step) every this many steps; one is always written at the end."""
+    keep_last: int = 2
+    """Keep only the newest this many checkpoints (0: keep all)."""
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    """Run directory: metrics.jsonl, eval.jsonl, merged/, adapter/."""
+    """Run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, merged/, adapter/."""
     save_merged: bool = True
     """Write merged/: a full transformers checkpoint of the fine-tuned weights."""
     save_adapter: bool = True
@@ -303,7 +308,7 @@ def validate(config: Config) -> None:
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("train.lr", t.lr)
     _positive("train.log_every", t.log_every)
-    for name in ("warmup_steps", "eval_every", "eval_batches"):
+    for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}: must be >= 0")
     if t.weight_decay < 0 or t.max_grad_norm < 0 or t.adam_eps <= 0:

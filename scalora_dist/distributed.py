@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger("scalora_dist")
 
@@ -92,3 +93,42 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+class CollectiveRecorder(TorchDispatchMode):
+    """Records every c10d collective issued inside it, at the dispatcher (the level
+    CommDebugMode counts at): an outside measurement of what a piece of code communicates,
+    for tests and benchmarks. Bytes per call are those of its full buffer (the largest
+    tensor: the all-reduced tensor, an all-gather's output, a reduce-scatter's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "c10d" and func.__name__.split(".")[0] not in ("wait", "barrier", "monitored_barrier"):
+            nbytes = max((t.numel() * t.element_size() for t in _tensors((args, kwargs))), default=0)
+            self.calls.append((func.__name__.split(".")[0], nbytes))
+        return func(*args, **kwargs)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.calls)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    if isinstance(tree, torch.Tensor):
+        out.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            out.extend(_tensors(item))
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            out.extend(_tensors(item))
+    return out

@@ -12,7 +12,9 @@ One process runs the same code with a world of one; only rank 0 prints and write
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +25,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
+from scalora_dist.checkpoint import export_merged, load_checkpoint, resolve_checkpoint, save_checkpoint
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, load_split
 from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, init_distributed
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.model.loading import load_model, load_tokenizer, model_dtype
-from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap, save_peft_adapter
+from scalora_dist.model.lora import inject_adapters, lora_layers, save_peft_adapter
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+FAULT_ENV = "SCALORA_DIST_FAULT"
+log = logging.getLogger("scalora_dist")
 
 
 class TrainingError(RuntimeError):
@@ -151,28 +156,40 @@ def train_step(run: Run, step: int) -> StepResult:
     return StepResult(loss, tokens, grad_norm.item(), report)
 
 
-def train(cfg: Config, show_progress: bool = True) -> TrainResult:
+def train(cfg: Config, show_progress: bool = True, resume: str | None = None) -> TrainResult:
+    """Run the recipe. `resume`: "latest" or a checkpoint path under output.dir/checkpoints."""
     dist = init_distributed()
     run_dir = Path(cfg.output.dir)
+    ckpt_root = run_dir / "checkpoints"
+    checkpoint = resolve_checkpoint(resume, ckpt_root) if resume else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.jsonl", "eval.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)
+        if checkpoint is None:
+            for stale in ("metrics.jsonl", "eval.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     run = setup(cfg, dist)
+    start = restore(run, checkpoint) if checkpoint is not None else 0
+    if checkpoint is not None and dist.is_main:
+        for name in ("metrics.jsonl", "eval.jsonl"):  # drop records of steps being redone
+            _truncate_jsonl(run_dir / name, after_step=start)
 
     writer = MetricsWriter(cfg.output, run_dir, to_dict(cfg)) if dist.is_main else None
     history: list[dict[str, Any]] = []
     window = _Window()
     eval_loss = None
+    fault = _fault(dist.rank)
     with ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main) as progress:
         trainable = sum(p.numel() for p in run.params)
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
             f"{trainable:,} trainable parameters, {run.total_steps} steps, "
             f"{dist.world_size} process(es) on {run.device.type}"
+            + (f", resumed from {checkpoint} at step {start}" if checkpoint else "")
         )
-        for step in range(run.total_steps):
+        for step in range(start, run.total_steps):
+            if fault == step + 1:
+                raise RuntimeError(f"{FAULT_ENV}: injected failure at step {step + 1} on rank {dist.rank}")
             started = time.perf_counter()
             result = train_step(run, step)
             window.add(result.loss, result.tokens, time.perf_counter() - started, result.report)
@@ -196,11 +213,69 @@ def train(cfg: Config, show_progress: bool = True) -> TrainResult:
                 if writer is not None:
                     writer.log_eval(record)
                 progress.print(format_eval(record))
+            save_due = cfg.train.save_every and done % cfg.train.save_every == 0
+            if save_due or done == run.total_steps:
+                path = save(run, ckpt_root, done)
+                progress.print(f"checkpoint {path}")
 
     export(run, run_dir)
     if writer is not None:
         writer.close()
-    return TrainResult(run_dir, run.total_steps, history[-1]["loss"], eval_loss, history)
+    final_loss = history[-1]["loss"] if history else float("nan")
+    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history)
+
+
+def save(run: Run, ckpt_root: Path, step: int) -> Path:
+    app_state = {
+        "step": step,
+        "scheduler": run.scheduler.state_dict(),
+        "data": run.train_loader.state_dict(),
+        "global_batch": run.cfg.train.micro_batch_size * run.dist.world_size,
+        "scalora": run.scalora.state_dict() if run.scalora is not None else None,
+        "world_size": run.dist.world_size,
+        "config": to_dict(run.cfg),
+    }
+    return save_checkpoint(ckpt_root, step, run.model, run.optimizer, app_state, keep_last=run.cfg.train.keep_last)
+
+
+def restore(run: Run, checkpoint: Path) -> int:
+    """Load a checkpoint into a freshly set-up run; returns the step to continue from."""
+    app_state = load_checkpoint(checkpoint, run.model, run.optimizer)
+    run.scheduler.load_state_dict(app_state["scheduler"])
+    data = dict(app_state["data"])
+    global_batch = run.cfg.train.micro_batch_size * run.dist.world_size
+    if app_state["global_batch"] != global_batch:
+        # Same examples consumed, counted in the new global batch size.
+        consumed = data["position"] * app_state["global_batch"]
+        data["position"] = consumed // global_batch
+        if consumed % global_batch:
+            log.warning(
+                "global batch changed from %d to %d: the data order after resuming is not "
+                "the uninterrupted run's", app_state["global_batch"], global_batch,
+            )
+    run.train_loader.load_state_dict(data)
+    if run.scalora is not None and app_state.get("scalora") is not None:
+        run.scalora.load_state_dict(app_state["scalora"])
+    return int(app_state["step"])
+
+
+def _truncate_jsonl(path: Path, after_step: int) -> None:
+    if not path.is_file():
+        return
+    import json
+
+    kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= after_step]
+    path.write_text("".join(l + "\n" for l in kept))
+
+
+def _fault(rank: int) -> int | None:
+    """`SCALORA_DIST_FAULT=RANK:STEP` makes that rank raise at that step: a way to check,
+    on a real cluster, that one failing rank ends the whole job (see README)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    fault_rank, _, fault_step = spec.partition(":")
+    return int(fault_step) if int(fault_rank) == rank else None
 
 
 def forward_backward(
@@ -255,20 +330,13 @@ def _masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export(run: Run, run_dir: Path) -> None:
-    """PEFT adapter (lora) first, since the merge below folds the adapters away."""
+    """PEFT adapter (lora), then the merged transformers checkpoint; every rank takes part
+    (sharded tensors are gathered one at a time), rank 0 writes."""
     cfg = run.cfg
     if cfg.adapter.method == "lora" and cfg.output.save_adapter:
         save_peft_adapter(run.model, run_dir / "adapter", cfg.adapter, cfg.model.path)
-    if not cfg.output.save_merged:
-        return
-    model = run.model
-    merge_and_unwrap(model)
-    model.to(model_dtype(cfg.model, run.device))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.config.use_cache = True
-    model.save_pretrained(run_dir / "merged", safe_serialization=True)
-    run.tokenizer.save_pretrained(run_dir / "merged")
+    if cfg.output.save_merged:
+        export_merged(run.model, run_dir / "merged", run.tokenizer, dtype=model_dtype(cfg.model, run.device))
 
 
 class _Window:

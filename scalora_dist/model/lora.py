@@ -13,9 +13,11 @@ import zlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import AdapterConfig, ConfigError
 
@@ -154,16 +156,19 @@ def merge_and_unwrap(model: nn.Module) -> None:
 
 def save_peft_adapter(
     model: nn.Module, out_dir: str | Path, cfg: AdapterConfig, base_model_path: str
-) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's LoRA format."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+) -> Path | None:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's LoRA format.
+    Every rank calls it (sharded factors are gathered); rank 0 writes."""
     layers = lora_layers(model)
     tensors = {}
     for name, layer in layers.items():
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().float().cpu().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_A.weight"] = _full_cpu(layer.lora_A)
+        tensors[f"{prefix}.lora_B.weight"] = _full_cpu(layer.lora_B)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -183,3 +188,10 @@ def save_peft_adapter(
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.float().cpu().contiguous()

@@ -38,10 +38,20 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def lora_A_on_dim1(model: nn.Module):
+def lora_A_on_dim1(model: nn.Module, world_size: int):
     """shard_placement_fn: lora_A (r, n) is split on its n columns, never on r (world may
-    exceed r); everything else on dim 0, so W0 rows and lora_B rows line up."""
-    lora_A_ids = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)}
+    exceed r); everything else on dim 0, so W0 rows and lora_B rows line up. FSDP2 (torch
+    2.13) cannot shard dim 1 unevenly, so n must divide by the world size."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, layer in layers.items():
+        if layer.base.in_features % world_size:
+            raise ConfigError(
+                f"{world_size} processes cannot shard the adapter of {name}: its "
+                f"{layer.base.in_features} input features do not divide by {world_size} "
+                "(FSDP2 shards lora_A on its columns and does not support uneven column "
+                "shards); use a world size that divides every adapted layer's in_features"
+            )
+    lora_A_ids = {id(m.lora_A) for m in layers.values()}
     return lambda param: Shard(1) if id(param) in lora_A_ids else None
 
 
@@ -54,7 +64,7 @@ def apply_fsdp(
 ) -> None:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else None
-    kwargs = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=lora_A_on_dim1(model))
+    kwargs = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=lora_A_on_dim1(model, mesh.size()))
     if offload is not None:
         kwargs["offload_policy"] = offload
     for block in decoder_blocks(model):
