@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from scalora_dist import config as cfgmod
@@ -26,7 +28,7 @@ err_console = Console(stderr=True)
 
 OVERRIDES_HELP = (
     "Overrides as dotted key paths, e.g. train.lr=1e-4 adapter.rank=16 "
-    "adapter.target_modules=[q_proj,v_proj]. Values are parsed as YAML (ints, floats, bools, lists)."
+    "adapter.target_modules=\\[q_proj,v_proj]. Values are parsed as YAML (ints, floats, bools, lists)."
 )
 
 TRAIN_HELP = """Train LoRA / rsLoRA / ScaLoRA adapters (or full fine-tuning) as CONFIG says.
@@ -34,10 +36,21 @@ TRAIN_HELP = """Train LoRA / rsLoRA / ScaLoRA adapters (or full fine-tuning) as 
 CONFIG is a YAML file with the sections model, adapter (with adapter.scalora), data, train
 and output; any key can be overridden after it with key.path=value. Unknown keys and wrong
 types are errors that name the key. `scalora-dist config keys` lists every key with its
-meaning and default; `scalora-dist config show CONFIG [overrides]` prints the resolved config.
+meaning and default; `scalora-dist config show CONFIG \\[overrides]` prints the resolved config.
 
 Writes to output.dir: config.yaml, metrics.jsonl, eval.jsonl, merged/ (a transformers
 checkpoint of the fine-tuned weights) and, for method lora, adapter/ (PEFT format).
+
+Several processes: --nproc-per-node N starts a torchrun job of N processes on this node
+(one per GPU); the command builds and runs `python -m torch.distributed.run ...` itself
+(see it with --dry-run). Several nodes: run the same command on every node with --nnodes,
+--rdzv-endpoint HOST:PORT (the same on all nodes, e.g. the first node's address) and,
+optionally, --node-rank and --rdzv-id; under SLURM, one task per node:
+srun --ntasks-per-node 1 scalora-dist train ... --nnodes $SLURM_NNODES ...
+Without these options (or with 1 process on 1 node) the training runs in this process.
+The config is checked before any worker starts. Only rank 0 shows progress and the
+summary; errors from other ranks are prefixed with \\[rankN]. Ctrl-C stops every
+rank (exit code 130).
 """
 
 
@@ -53,25 +66,152 @@ def _load(config_path: Path, overrides: Optional[list[str]]) -> cfgmod.Config:
         _fail(str(e))
 
 
+LAUNCH_PANEL = "Multi-process launch (torchrun)"
+
+
+def _train_fail(message: str, code: int, prefix: str) -> None:
+    err_console.print(f"{escape(prefix)}[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
 @app.command(help=TRAIN_HELP)
 def train(
     config: Path = typer.Argument(..., help="YAML config file."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", metavar="PATH|latest",
+        help="Resume from a checkpoint directory, or 'latest' for the newest one in output.dir.",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run",
+        help="Check the config and print the torchrun command that would run (or 'in-process' "
+        "for a single-process run), then exit without training.",
+    ),
+    nproc_per_node: int = typer.Option(
+        1, "--nproc-per-node", min=1, rich_help_panel=LAUNCH_PANEL,
+        help="Processes on this node (one per GPU). More than 1 starts a torchrun job.",
+    ),
+    nnodes: str = typer.Option(
+        "1", "--nnodes", rich_help_panel=LAUNCH_PANEL,
+        help="Number of nodes, or an elastic range MIN:MAX (e.g. 1:4). More than 1 needs "
+        "--rdzv-endpoint.",
+    ),
+    node_rank: Optional[int] = typer.Option(
+        None, "--node-rank", min=0, rich_help_panel=LAUNCH_PANEL,
+        help="This node's rank in [0, nnodes) (optional with the c10d rendezvous, which "
+        "assigns ranks itself).",
+    ),
+    rdzv_endpoint: Optional[str] = typer.Option(
+        None, "--rdzv-endpoint", metavar="HOST:PORT", rich_help_panel=LAUNCH_PANEL,
+        help="Rendezvous address, the same on every node (e.g. first-node:29500).",
+    ),
+    rdzv_id: Optional[str] = typer.Option(
+        None, "--rdzv-id", rich_help_panel=LAUNCH_PANEL,
+        help="Job id shared by all nodes. Default: $SLURM_JOB_ID (or PBS_JOBID, LSB_JOBID, "
+        "JOB_ID) when set, else derived from the command line, so the same command on every "
+        "node joins the same job.",
+    ),
+    rdzv_backend: str = typer.Option(
+        "c10d", "--rdzv-backend", rich_help_panel=LAUNCH_PANEL,
+        help="torchrun rendezvous backend (c10d, static, etcd, ...).",
+    ),
+    max_restarts: int = typer.Option(
+        0, "--max-restarts", min=0, rich_help_panel=LAUNCH_PANEL,
+        help="How often torchrun restarts all workers after a failure before giving up.",
+    ),
 ) -> None:
+    from scalora_dist.distributed import launched_by_torchrun
+    from scalora_dist.launch import LaunchError, LaunchOptions
+
+    if launched_by_torchrun():
+        # A worker of a torchrun job: train here, never launch again (the launcher passes no
+        # launch option on, and any given by hand are ignored).
+        if dry_run:
+            console.print("in-process", highlight=False)
+            return
+        _train_worker(config, overrides or [], quiet, resume)
+        return
+
+    options = LaunchOptions(
+        nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, rdzv_backend=rdzv_backend,
+        max_restarts=max_restarts,
+    )
+    try:
+        options.validate()
+    except LaunchError as e:
+        _fail(str(e))
+    cfg = _load(config, overrides)  # config errors show once, here, before any worker starts
+    if options.needs_torchrun():
+        _launch(config, overrides or [], options, quiet, resume, dry_run)
+        return
+    if dry_run:
+        console.print("in-process", highlight=False)
+        return
+    _run_training(cfg, quiet, resume, rank=0, prefix="")
+
+
+def _launch(
+    config: Path, overrides: list[str], options, quiet: bool, resume: Optional[str], dry_run: bool
+) -> None:
+    from scalora_dist.launch import format_command, run_torchrun, torchrun_command
+
+    extra = (["--quiet"] if quiet else []) + (["--resume", resume] if resume is not None else [])
+    cmd = torchrun_command(config, overrides, options, extra)
+    if dry_run:
+        typer.echo(format_command(cmd))
+        return
+    nodes = "" if options.nnodes == "1" else f" (node of {options.nnodes})"
+    err_console.print(
+        f"launching {options.nproc_per_node} processes on this node{nodes}: "
+        f"{escape(format_command(cmd))}",
+        highlight=False, style="dim", soft_wrap=True,
+    )
+    code = run_torchrun(cmd)
+    if code == 130:
+        err_console.print("[bold red]interrupted[/bold red]: all ranks stopped", highlight=False)
+    elif code != 0:
+        err_console.print(
+            f"[bold red]error:[/bold red] the training job failed (torchrun exit code {code}); "
+            "see the \\[rankN] errors above",
+            highlight=False,
+        )
+    raise typer.Exit(code)
+
+
+def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optional[str]) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    prefix = f"[rank{rank}] "
+    try:
+        cfg = cfgmod.load_config(config, overrides)
+    except cfgmod.ConfigError as e:
+        _train_fail(str(e), 2, prefix)
+    if rank == 0:
+        world = os.environ.get("WORLD_SIZE", "1")
+        console.print(f"torchrun job of {world} processes (output from rank 0)", highlight=False)
+    _run_training(cfg, quiet, resume, rank=rank, prefix=prefix)
+
+
+def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: int, prefix: str) -> None:
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
     from scalora_dist.data import DataError
     from scalora_dist.train import TrainingError, train as run_training
 
-    cfg = _load(config, overrides)
+    kwargs = {"resume": resume} if resume is not None else {}
     try:
-        result = run_training(cfg, show_progress=not quiet)
+        result = run_training(cfg, show_progress=not quiet and rank == 0, **kwargs)
     except (cfgmod.ConfigError, DataError) as e:
-        _fail(str(e))
+        _train_fail(str(e), 2, prefix)
     except TrainingError as e:
-        _fail(str(e), code=1)
+        _train_fail(str(e), 1, prefix)
+    except KeyboardInterrupt:
+        err_console.print(f"{escape(prefix)}[bold red]interrupted[/bold red]", highlight=False)
+        raise typer.Exit(130)
+    if rank != 0:
+        return
     console.print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}", highlight=False)
     if result.eval_loss is not None:
         console.print(f"eval loss {result.eval_loss:.4f}", highlight=False)
