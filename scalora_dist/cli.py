@@ -80,8 +80,10 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     resume: Optional[str] = typer.Option(
-        None, "--resume", metavar="PATH|latest",
-        help="Resume from a checkpoint directory, or 'latest' for the newest one in output.dir.",
+        None, "--resume", metavar="PATH|latest|auto",
+        help="Resume from a checkpoint directory, or 'latest' for the newest one in "
+        "output.dir/checkpoints (an error if there is none), or 'auto': the newest if any, "
+        "else start fresh (for jobs restarted after a lost worker).",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run",
@@ -197,19 +199,24 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
+    from scalora_dist.checkpoint import CheckpointError
     from scalora_dist.data import DataError
+    from scalora_dist.distributed import destroy_distributed
     from scalora_dist.train import TrainingError, train as run_training
 
-    kwargs = {"resume": resume} if resume is not None else {}
     try:
-        result = run_training(cfg, show_progress=not quiet and rank == 0, **kwargs)
-    except (cfgmod.ConfigError, DataError) as e:
+        result = run_training(cfg, show_progress=not quiet and rank == 0, resume=resume)
+    except (cfgmod.ConfigError, DataError, CheckpointError) as e:
         _train_fail(str(e), 2, prefix)
     except TrainingError as e:
         _train_fail(str(e), 1, prefix)
     except KeyboardInterrupt:
         err_console.print(f"{escape(prefix)}[bold red]interrupted[/bold red]", highlight=False)
         raise typer.Exit(130)
+    finally:
+        # Shut gloo/NCCL down before interpreter exit; its threads otherwise abort the
+        # process ("terminate called without an active exception") after a good run.
+        destroy_distributed()
     if rank != 0:
         return
     console.print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}", highlight=False)

@@ -130,6 +130,9 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end); needs data.eval_files."""
     eval_batches: int = 0
     """Cap on eval micro-batches per evaluation (0: the whole eval set)."""
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: `stop` the run with an error naming the step (before any update or
+    checkpoint), or `skip` the step's update and count it in metrics.jsonl."""
     save_every: int = 0
     """Write a resumable checkpoint (DCP: model shards, optimizer, scheduler, data
     position, RNG, step) every this many steps; one is always written at the end."""

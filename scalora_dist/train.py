@@ -25,7 +25,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
-from scalora_dist.checkpoint import export_merged, load_checkpoint, resolve_checkpoint, save_checkpoint
+from scalora_dist.checkpoint import (
+    export_merged,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, load_split
 from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, init_distributed
@@ -79,6 +85,8 @@ class StepResult:
     tokens: int
     grad_norm: float
     report: RefactorReport | None
+    skipped: bool = False
+    """The loss was not finite and train.on_nonfinite_loss is skip: no update was made."""
 
 
 def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
@@ -139,10 +147,16 @@ def train_step(run: Run, step: int) -> StepResult:
         run.scalora.prepare(step)
     loss, tokens = forward_backward(run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device)
     if not math.isfinite(loss):
-        raise TrainingError(
-            f"step {step + 1}: loss is {loss}; stopping before the optimizer step "
-            "(lower train.lr, check the data, or enable gradient clipping)"
-        )
+        if run.cfg.train.on_nonfinite_loss == "stop":
+            raise TrainingError(
+                f"step {step + 1}: loss is {loss}; stopping before the optimizer step, so no "
+                "checkpoint holds a broken model (lower train.lr, check the data, or set "
+                "train.on_nonfinite_loss=skip)"
+            )
+        log.warning("step %d: loss is %s; skipping the update (train.on_nonfinite_loss=skip)", step + 1, loss)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        return StepResult(loss, tokens, float("nan"), None, skipped=True)
     report = None
     if run.scalora is not None and run.scalora.is_due(step):
         report = run.scalora.refactor()
@@ -157,11 +171,16 @@ def train_step(run: Run, step: int) -> StepResult:
 
 
 def train(cfg: Config, show_progress: bool = True, resume: str | None = None) -> TrainResult:
-    """Run the recipe. `resume`: "latest" or a checkpoint path under output.dir/checkpoints."""
+    """Run the recipe. `resume`: "latest" or a checkpoint path (an error if there is none),
+    or "auto": the latest checkpoint if there is one, else a fresh start (what a job that
+    torchrun or SLURM restarts after a lost worker wants)."""
     dist = init_distributed()
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
-    checkpoint = resolve_checkpoint(resume, ckpt_root) if resume else None
+    if resume == "auto":
+        checkpoint = latest_checkpoint(ckpt_root)
+    else:
+        checkpoint = resolve_checkpoint(resume, ckpt_root) if resume else None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
@@ -192,7 +211,7 @@ def train(cfg: Config, show_progress: bool = True, resume: str | None = None) ->
                 raise RuntimeError(f"{FAULT_ENV}: injected failure at step {step + 1} on rank {dist.rank}")
             started = time.perf_counter()
             result = train_step(run, step)
-            window.add(result.loss, result.tokens, time.perf_counter() - started, result.report)
+            window.add(result, time.perf_counter() - started)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == run.total_steps:
                 record = {
@@ -350,21 +369,27 @@ class _Window:
         self.tokens = 0
         self.seconds = 0.0
         self.reports: list[RefactorReport] = []
+        self.skipped = 0
 
-    def add(self, loss: float, tokens: int, seconds: float, report: RefactorReport | None) -> None:
-        self.losses.append(loss)
-        self.tokens += tokens
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.tokens += result.tokens
         self.seconds += seconds
-        if report is not None:
-            self.reports.append(report)
+        if result.skipped:
+            self.skipped += 1
+        else:
+            self.losses.append(result.loss)
+        if result.report is not None:
+            self.reports.append(result.report)
 
     def flush(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "loss": sum(self.losses) / len(self.losses),
+            "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
-            "step_time_s": self.seconds / max(len(self.losses), 1),
+            "step_time_s": self.seconds / max(len(self.losses) + self.skipped, 1),
         }
+        if self.skipped:
+            out["skipped_nonfinite_steps"] = self.skipped
         if self.reports:
             out["scalora_refactors"] = len(self.reports)
             out["scalora_column"] = sum(r.column for r in self.reports)

@@ -179,6 +179,44 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_llama, tmp_path):
     assert not (tmp_path / "out/merged").exists()
 
 
+def test_non_finite_loss_can_skip_the_update(tiny_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "corrupt")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "corrupt")
+    cfg = _config(tmp_path / "corrupt", tmp_path / "out", "train.on_nonfinite_loss=skip",
+                  "train.max_steps=3", "output.save_merged=false")
+    run = setup(cfg)
+    factors = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    results = [train_step(run, step) for step in range(3)]
+    assert all(r.skipped for r in results)
+    for n, p in run.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, factors[n]), f"{n} changed by a skipped step"
+    train(cfg, show_progress=False)
+    records = [json.loads(l) for l in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_nonfinite_steps", 0) for r in records) == 3
+
+
+def test_resume_auto_starts_fresh_then_continues(tiny_llama, tmp_path):
+    cfg = _config(tiny_llama, tmp_path, "train.max_steps=4", "train.save_every=2",
+                  "output.save_merged=false")
+    result = train(cfg, show_progress=False, resume="auto")  # nothing to resume: fresh start
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    cfg = _config(tiny_llama, tmp_path, "train.max_steps=6", "train.save_every=2",
+                  "output.save_merged=false")
+    result = train(cfg, show_progress=False, resume="auto")
+    assert [r["step"] for r in result.history] == [5, 6]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_llama, tmp_path):
+    proc = _cli_train(f"model.path={tiny_llama}", f"output.dir={tmp_path}/o", "--resume", "latest")
+    assert proc.returncode == 2 and "resume 'latest'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_epochs_derive_the_step_count(tiny_llama, tmp_path, write_jsonl):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"the fox number {i} sees the owl"} for i in range(20)])
     cfg = _config(tiny_llama, tmp_path, f"data.train_files=[{data}]", "train.max_steps=0",

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,8 +66,11 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+THREADS: int | None = None  # --threads
+
+
 def threads_for(world: int) -> int:
-    return max(1, cores() // world)
+    return THREADS or max(1, cores() // world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +121,19 @@ def _leaves(tree) -> list:
 
 
 def make_recorder():
-    """CollectiveRecorder that also records the functional collectives (`_c10d_functional`:
-    what DTensor's redistribute issues, e.g. for the grad-norm), as `funcol.<op>`."""
+    """CollectiveRecorder that also sees DTensor's own collectives: it lets DTensor ops run
+    first (as CommDebugMode does), so the functional collectives they issue (`_c10d_functional`,
+    e.g. the grad-norm all-reduce in clip_grad_norm_) reach it; they are recorded as
+    `funcol.<op>`. The package's CollectiveRecorder counts `c10d` ops only, and a mode never
+    sees what runs inside a DTensor op it intercepted."""
+    from torch.distributed.tensor import DTensor
+
     from scalora_dist.distributed import CollectiveRecorder
 
     class Recorder(CollectiveRecorder):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(issubclass(t, DTensor) for t in types):
+                return NotImplemented  # let DTensor run and desugar into collectives first (as CommDebugMode)
             kwargs = kwargs or {}
             name = func.__name__.split(".")[0]
             if func.namespace == "_c10d_functional" and not name.startswith("wait"):
@@ -216,9 +227,23 @@ def worker_load(args, info, baseline: dict) -> dict:
     from scalora_dist.metrics import peak_rss_mib
     from scalora_dist.train import setup
 
+    sampled = {"RssAnon": 0.0, "RssFile": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:  # ru_maxrss cannot tell anonymous from file-backed (mmap) pages
+        while not done.is_set():
+            for k, v in rss_now_mib().items():
+                if k in sampled:
+                    sampled[k] = max(sampled[k], v)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     run = setup(load_config(None, overrides_for(args, "lora", info.world_size)), info)
     seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
     gc.collect()
     local = full = 0
     for name, p in run.model.named_parameters():
@@ -230,6 +255,7 @@ def worker_load(args, info, baseline: dict) -> dict:
         **baseline,
         "after_peak": peak_rss_mib(),
         "after_now": rss_now_mib(),
+        "sampled_peak": sampled,
         "local_param_mib": local / MIB,
         "full_base_mib": full / MIB,
         "setup_s": seconds,
@@ -333,6 +359,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--variants", default="lora,scalora,scalora-I10")
+    p.add_argument("--threads", type=int, help="OMP threads per rank (default: cores // W, at least 1)")
     # worker-only options
     p.add_argument("--worker", choices=("time", "alone", "load"), help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -344,6 +371,8 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
+    global THREADS
+    THREADS = args.threads
 
     worlds = [int(w) for w in args.ranks.split(",") if w.strip()]
     variants = args.variants.split(",")
@@ -369,7 +398,11 @@ def main() -> None:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.node()}  "
         f"{platform.platform()}  {platform.processor() or platform.machine()}, "
         f"{cores()} usable cores (os.cpu_count() = {os.cpu_count()})  torch {torch.__version__}  "
-        f"python {platform.python_version()}\ncommand: {command}"
+        f"python {platform.python_version()}  load average at start {os.getloadavg()[0]:.2f}"
+        f"\ncommand: {command}"
+        f"\njobs: python -m torch.distributed.run --standalone --nproc-per-node W (W = 1 too: FSDP2 "
+        f"everywhere), OMP_NUM_THREADS = {'%d' % args.threads if args.threads else 'max(1, cores // W)'}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}"
     )
 
     results: dict[str, dict[int, dict]] = {"time": {}, "alone": {}, "load": {}}
@@ -380,6 +413,9 @@ def main() -> None:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
+            # Busy-waiting OpenMP threads collapse (10x slower steps) when the cores are shared
+            # with other work; passive waiting costs little when they are not.
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
             "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         }
         data = tmp_path / "bench.jsonl"
@@ -424,14 +460,15 @@ def main() -> None:
                                              tmp_path / f"load-{w}.json", env, "loading job")
     wall = time.perf_counter() - wall_started
 
-    console = Console(width=max(Console().width, 130))
+    console = Console(width=max(Console().width, 160))
     console.print(header, highlight=False)
 
     # 1. step time ------------------------------------------------------------------------------
     t = Table(title=(
         f"1. step time: {args.steps} interleaved steps per variant after {args.warmup} warm-up, "
         f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, global batch "
-        f"{args.batch_size}x{args.seq_len} (micro-batch {args.batch_size}/W), FSDP2 on gloo, rank 0's clock"))
+        f"{args.batch_size}x{args.seq_len} (micro-batch {args.batch_size}/W), FSDP2 on gloo, rank 0's clock. "
+        f"Ratio: of the medians, and \\[median of the per-round ratios]"))
     t.add_column("W", justify="right")
     t.add_column("threads/rank", justify="right")
     for v in variants:
@@ -440,9 +477,11 @@ def main() -> None:
         t.add_column(f"{v} / {variants[0]}", justify="right")
     t.add_column("job wall (s)", justify="right")
     for w in worlds:
-        med = {v: statistics.median(results["time"][w]["times"][v]) for v in variants}
+        times = results["time"][w]["times"]
+        med = {v: statistics.median(times[v]) for v in variants}
+        paired = {v: statistics.median(a / b for a, b in zip(times[v], times[variants[0]])) for v in variants}
         t.add_row(str(w), str(threads_for(w)), *[f"{med[v] * 1e3:.1f}" for v in variants],
-                  *[f"{med[v] / med[variants[0]]:.3f}" for v in variants[1:]],
+                  *[f"{med[v] / med[variants[0]]:.3f} \\[{paired[v]:.3f}]" for v in variants[1:]],
                   f"{results['time'][w]['job_s']:.0f}")
     console.print(t)
 
@@ -450,22 +489,27 @@ def main() -> None:
     if results["load"]:
         any_load = next(iter(results["load"].values()))["ranks"][0]
         t = Table(title=(
-            f"2a. host memory of loading (setup(), lora): hidden {args.load_hidden_size} x "
+            f"2a. host memory of loading, setup() with lora: hidden {args.load_hidden_size} x "
             f"{args.load_num_layers} layers, intermediate {args.load_intermediate_size}; full base "
-            f"weights {any_load['full_base_mib']:.0f} MiB float32, checkpoint file {checkpoint_mib:.0f} MiB. "
-            "ru_maxrss per rank (MiB); 'now' = VmRSS after setup, anon + file-backed"))
-        for col in ("W", "rank", "baseline peak (after imports)", "peak after setup()", "increase",
-                    "increase / full", "local param shard", "now: anon + file", "setup (s)"):
+            f"weights {any_load['full_base_mib']:.0f} MiB float32 (checkpoint file {checkpoint_mib:.0f} MiB). "
+            "MiB per rank. ru_maxrss: baseline after imports + init, peak after setup(). Sampled every 5 ms "
+            "during setup(): peak growth of anonymous memory and of file-backed pages (the mmapped "
+            "safetensors file), which ru_maxrss adds together"))
+        for col in ("W", "rank", "ru_maxrss baseline", "ru_maxrss after setup()", "increase",
+                    "increase / full", "local param shard", "sampled peak: anon +", "file-backed +",
+                    "setup (s)"):
             t.add_column(col, justify="right")
         for w in worlds:
             for r, d in enumerate(results["load"][w]["ranks"]):
                 inc = d["after_peak"] - d["baseline_peak"]
-                now = d["after_now"]
+                base_now, peak = d["baseline_now"], d["sampled_peak"]
+                anon = peak["RssAnon"] - base_now.get("RssAnon", 0)
+                file = peak["RssFile"] - base_now.get("RssFile", 0)
                 t.add_row(
                     str(w), str(r), f"{d['baseline_peak']:.0f}", f"{d['after_peak']:.0f}", f"{inc:.0f}",
                     f"{inc / d['full_base_mib']:.2f}", f"{d['local_param_mib']:.0f}",
-                    f"{now.get('RssAnon', float('nan')):.0f} + {now.get('RssFile', float('nan')):.0f}",
-                    f"{d['setup_s']:.1f}",
+                    f"{anon:.0f} ({anon / d['full_base_mib']:.2f} x full)",
+                    f"{file:.0f}", f"{d['setup_s']:.1f}",
                 )
             t.add_section()
         console.print(t)
@@ -492,34 +536,49 @@ def main() -> None:
 
     # 3. communication --------------------------------------------------------------------------
     t = Table(title=(
-        "3. communication in one step (rank 0, recorded at the dispatcher; bytes = full buffer "
-        "of each collective), step-time model"))
-    for col in ("W", "what", "collectives", "bytes", "expected L x 2 x (2r)^2 x 8", "per-op detail"):
+        "3. communication in one training step on rank 0, recorded at the dispatcher (count x bytes; bytes = "
+        "each collective's full buffer: an all-gather's output, a reduce-scatter's input, not bytes on the "
+        "wire), step-time model. c10d ops as CollectiveRecorder counts them; DTensor's own collectives "
+        "(grad-norm) in their own column"))
+    for col in ("W", "scope", "all-gathers", "reduce-scatters", "all-reduces", "DTensor (funcol)", "total",
+                "expected L x 2 x (2r)^2 x 8", "refactor / FSDP2"):
         t.add_column(col, justify="right")
+
+    def cell(summary: dict, k: str) -> str:
+        n, b = summary.get(k, (0, 0))
+        return f"{n} x = {fmt_bytes(b)}" if n else "0"
+
+    def total(summary: dict) -> str:
+        return f"{sum(n for n, _ in summary.values())} x = {fmt_bytes(sum(b for _, b in summary.values()))}"
+
     for w in worlds:
         comm = results["time"][w]["comm"]
+        fsdp = {}
+        for v in ("lora", "scalora"):
+            if v in comm:
+                s = summarise(comm[v]["step"])
+                fsdp[v] = (sum(s.get(k, (0, 0))[0] for k in ("all-gather", "reduce-scatter")),
+                           sum(s.get(k, (0, 0))[1] for k in ("all-gather", "reduce-scatter")))
         if "scalora" in comm:
             c = comm["scalora"]
             L, r = c["layers"], c["lora_rank"]
             expected = L * 2 * (2 * r) ** 2 * 8
             ref = summarise(c["refactor"])
-            n_ref = sum(n for n, _ in ref.values())
-            b_ref = sum(b for _, b in ref.values())
+            n_ref, b_ref = sum(n for n, _ in ref.values()), sum(b for _, b in ref.values())
             rep = c["report"] or {}
-            t.add_row(str(w), "ScaLoRA refactor", str(n_ref), fmt_bytes(b_ref),
-                      f"{fmt_bytes(expected)} (L={L}, r={r})",
-                      f"{', '.join(f'{k} {n}x' for k, (n, _) in ref.items()) or 'none'}; "
-                      f"report: {rep.get('reduced_bytes')} B reduced, {rep.get('gathered_bytes')} B gathered")
+            ok = n_ref == 1 and b_ref == expected == rep.get("reduced_bytes") and not rep.get("gathered_bytes")
+            fsdp_n, fsdp_b = fsdp["scalora"]
+            t.add_row(
+                str(w), "ScaLoRA refactor", cell(ref, "all-gather"), cell(ref, "reduce-scatter"),
+                cell(ref, "all-reduce"), cell(ref, "functional"), total(ref),
+                f"{fmt_bytes(expected)} (L={L}, r={r}) {'matches' if ok else 'DIFFERS'}",
+                f"{n_ref}/{fsdp_n} ops, {b_ref / fsdp_b:.2%} of bytes" if fsdp_b else "no FSDP2 collectives")
         for v in ("lora", "scalora"):
             if v not in comm:
                 continue
-            step = summarise(comm[v]["step"])
-            fsdp_n = sum(step.get(k, (0, 0))[0] for k in ("all-gather", "reduce-scatter"))
-            fsdp_b = sum(step.get(k, (0, 0))[1] for k in ("all-gather", "reduce-scatter"))
-            detail = "; ".join(f"{k} {n}x {fmt_bytes(b)}" for k, (n, b) in step.items())
-            t.add_row(str(w), f"FSDP2 in a {v} step", str(fsdp_n), fmt_bytes(fsdp_b), "", detail)
-            if v == "scalora" and "scalora" in comm and fsdp_b:
-                t.add_row(str(w), "refactor / FSDP2", "", f"{b_ref / fsdp_b:.2e}", "", "")
+            s = summarise(comm[v]["step"])
+            t.add_row(str(w), f"whole {v} step", cell(s, "all-gather"), cell(s, "reduce-scatter"),
+                      cell(s, "all-reduce"), cell(s, "functional"), total(s), "", "")
         t.add_section()
     console.print(t)
     console.print(f"wall time {wall:.0f} s", highlight=False)
