@@ -100,3 +100,11 @@ def test_cli_help_documents_overrides():
     assert "key.path=value" in out.stdout and "config keys" in out.stdout
     keys = _cli("config", "keys")
     assert "adapter.scalora.kappa" in keys.stdout and "train.micro_batch_size" in keys.stdout
+
+
+def test_readme_documents_every_config_key():
+    """The README's config reference is the generated one (tools/config_reference.py)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from config_reference import markdown
+
+    assert markdown() in (REPO / "README.md").read_text()
