@@ -45,6 +45,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from scalora_dist.model.loading import dequantized_weight
 from scalora_dist.model.lora import LoRALinear
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,16 @@ def _param_item(name: str, t: torch.Tensor, dtype: torch.dtype) -> _Item:
 
 def _lora_item(name: str, layer: LoRALinear, dtype: torch.dtype) -> _Item:
     weight = layer.base.weight
+    if layer.quantized or layer.acc_U is not None:
+        # 4-bit base: dequantised codes + the low-rank accumulator of merged updates + adapter.
+        def build_quantized(keep: bool) -> torch.Tensor | None:
+            if not keep:
+                return None
+            merged = layer.base_weight() + layer.delta_weight()
+            return merged.to(device="cpu", dtype=dtype).contiguous()
+
+        numel = layer.base.out_features * layer.base.in_features
+        return _Item(f"{name}.weight", numel * dtype.itemsize, build_quantized)
 
     def build(keep: bool) -> torch.Tensor | None:
         w, a, b = _full(weight), _full(layer.lora_A), _full(layer.lora_B)
@@ -421,6 +432,17 @@ def _lora_item(name: str, layer: LoRALinear, dtype: torch.dtype) -> _Item:
         return merged.to(device="cpu", dtype=dtype).contiguous()
 
     return _Item(f"{name}.weight", weight.numel() * dtype.itemsize, build)
+
+
+def _dequantized_item(name: str, module: nn.Module, dtype: torch.dtype) -> _Item:
+    """A bitsandbytes 4-bit layer that was not adapted, written in full precision."""
+
+    def build(keep: bool) -> torch.Tensor | None:
+        if not keep:
+            return None
+        return dequantized_weight(module).to(device="cpu", dtype=dtype).contiguous()
+
+    return _Item(name, module.out_features * module.in_features * dtype.itemsize, build)
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -458,12 +480,17 @@ def _export_groups(model: nn.Module, dtype: torch.dtype) -> list[list[_Item]]:
         )
         if is_block:
             current = []
-        if _is_quantized(module) or (isinstance(module, LoRALinear) and _is_quantized(module.base)):
+        quantized = _is_quantized(module) or (isinstance(module, LoRALinear) and _is_quantized(module.base))
+        if quantized and any(isinstance(p, DTensor) for p in module.parameters()):
             raise CheckpointError(
-                f"export_merged: {prefix.rstrip('.') or 'the model'} holds quantised weights; "
-                "merged export of 4-bit/8-bit bases is not supported"
+                f"export_merged: {prefix.rstrip('.') or 'the model'} holds sharded quantised "
+                "weights; merged export of FSDP2-sharded 4-bit bases is not supported yet"
             )
-        if isinstance(module, LoRALinear):
+        if quantized and not isinstance(module, LoRALinear):
+            emit(_dequantized_item(prefix + "weight", module, dtype))
+            if getattr(module, "bias", None) is not None:
+                emit(_param_item(prefix + "bias", module.bias, dtype))
+        elif isinstance(module, LoRALinear):
             emit(_lora_item(prefix.rstrip("."), module, dtype))
             if module.base.bias is not None:
                 emit(_param_item(prefix + "bias", module.base.bias, dtype))
@@ -635,6 +662,8 @@ def _write_metadata(model: nn.Module, out_dir: Path, tokenizer, dtype: torch.dty
     files = writer.finish()
     config = copy.deepcopy(model.config)
     config.dtype = dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the export is full precision
     config.use_cache = True
     if not getattr(config, "architectures", None):
         config.architectures = [_unwrapped_class(model).__name__]

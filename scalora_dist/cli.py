@@ -225,6 +225,89 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     console.print(f"outputs in {result.run_dir}", highlight=False)
 
 
+SLURM_HELP = """Write an sbatch script for this run into output.dir and submit it (one srun task
+per node, each a torchrun launcher of --gpus-per-node processes, c10d rendezvous on the
+first node, --resume auto so restarts and requeues continue from the newest checkpoint).
+
+The config is checked first. #SBATCH lines hold literal values. With --dry-run the script
+is printed, not written or submitted; with --no-submit it is written but not submitted.
+"""
+
+
+@app.command("slurm", help=SLURM_HELP)
+def slurm(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    nodes: int = typer.Option(1, "--nodes", "-N", help="Number of nodes."),
+    gpus_per_node: int = typer.Option(
+        1, "--gpus-per-node", "-G", help="Processes (= GPUs) per node."
+    ),
+    request_gpus: bool = typer.Option(
+        True, "--request-gpus/--no-request-gpus",
+        help="Put #SBATCH --gpus-per-node in the script (--no-request-gpus for CPU partitions).",
+    ),
+    partition: Optional[str] = typer.Option(None, "--partition", "-p"),
+    time_limit: Optional[str] = typer.Option("24:00:00", "--time", "-t", help="Time limit (HH:MM:SS, D-HH:MM:SS, minutes)."),
+    account: Optional[str] = typer.Option(None, "--account", "-A"),
+    job_name: Optional[str] = typer.Option(None, "--job-name", "-J", help="Default: scalora-<output dir name>."),
+    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", "-c", help="CPUs for each node's task (all its workers)."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="Memory per node, e.g. 200G."),
+    max_restarts: int = typer.Option(3, "--max-restarts", help="torchrun restarts after a failed worker."),
+    rdzv_port: Optional[int] = typer.Option(None, "--rdzv-port", help="Rendezvous port (default 20000 + job id % 10000)."),
+    join_timeout: int = typer.Option(1800, "--join-timeout", help="Seconds the nodes wait for each other at the rendezvous."),
+    python: Optional[str] = typer.Option(
+        None, "--python", help="Interpreter the job runs (must have scalora_dist installed). "
+        "Default: the one running this command.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the script; write and submit nothing."),
+    submit: bool = typer.Option(True, "--submit/--no-submit", help="Submit with sbatch after writing."),
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from scalora_dist.slurm import SbatchOptions, SlurmError, parse_job_id, render_sbatch
+
+    cfg = _load(config, overrides)
+    run_dir = Path(cfg.output.dir)
+    cwd = Path.cwd().resolve()
+    run_dir_abs = run_dir if run_dir.is_absolute() else cwd / run_dir
+    options = SbatchOptions(
+        nodes=nodes, gpus_per_node=gpus_per_node, request_gpus=request_gpus, partition=partition,
+        time=time_limit, account=account,
+        job_name=job_name or "scalora-" + (run_dir_abs.name or "run"),
+        cpus_per_task=cpus_per_task, mem=mem, max_restarts=max_restarts,
+        config=str(config.resolve()), overrides=list(overrides or []),
+        output=str(run_dir_abs / "slurm-%j.out"), chdir=str(cwd), python=python or sys.executable,
+        join_timeout_s=join_timeout, rdzv_port=rdzv_port,
+    )
+    try:
+        script = render_sbatch(options)
+    except SlurmError as e:
+        _fail(str(e))
+    if dry_run:
+        typer.echo(script, nl=False)
+        return
+    run_dir_abs.mkdir(parents=True, exist_ok=True)
+    path = run_dir_abs / "slurm-job.sbatch"
+    path.write_text(script)
+    path.chmod(0o755)
+    console.print(f"wrote {path}", highlight=False)
+    if not submit:
+        console.print(f"submit with: sbatch {path}", highlight=False)
+        return
+    if shutil.which("sbatch") is None:
+        _fail(f"sbatch not found on PATH; the script is in {path} (submit it on a SLURM login node)", 1)
+    proc = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        _fail(f"sbatch failed (exit code {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}", 1)
+    job_id = parse_job_id(proc.stdout)
+    if job_id is None:
+        _fail(f"sbatch gave no job id: {proc.stdout.strip()!r}", 1)
+    log = run_dir_abs / f"slurm-{job_id}.out"
+    console.print(f"submitted batch job {job_id} (log: {log})", highlight=False)
+
+
 @config_app.command("show")
 def config_show(
     config: Path = typer.Argument(..., help="YAML config file."),

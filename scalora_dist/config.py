@@ -30,6 +30,15 @@ class ModelConfig:
     """Compute and storage dtype of the model; `auto`: bfloat16 on a CUDA GPU, float32 on
     CPU. LoRA factors, and the targeted base weights of scalora and full runs, are kept in
     float32 regardless (a bf16 base would round the small per-step ScaLoRA merges away)."""
+    load_in_4bit: bool = False
+    """Load the frozen base through bitsandbytes as 4-bit codes (QLoRA-style low-memory
+    mode; every nn.Linear except the output head). Needs bitsandbytes."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the frozen base."""
+    double_quant: bool = True
+    """Quantise the 4-bit block scales too (saves ~0.4 bit per weight)."""
+    quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the 4-bit layers compute in; `auto`: the model dtype."""
     cpu_offload: bool = False
     """FSDP2 runs (several processes): keep sharded parameters, gradients and optimizer
     state in host memory (FSDP2's CPUOffloadPolicy)."""
@@ -48,6 +57,10 @@ class ScaLoRAConfig:
     columns at the first refactor, so refactoring starts near alpha*beta = 1."""
     kappa_multiplier: float = 1.0
     """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
+    accumulator_rank: int = 64
+    """4-bit bases only: rank R of the float32 low-rank accumulator that holds the merged
+    update (requantising 4-bit codes would drop it); re-compressed to its best rank-R
+    approximation as it grows. Memory (in + out features) * R * 4 bytes per layer."""
     warmup_steps: int = 10
     """Plain LoRA steps before the first refactor (the zero-initialised lora_B makes the
     scaling system singular at first)."""
@@ -298,6 +311,12 @@ def validate(config: Config) -> None:
     _positive("adapter.scalora.kappa_multiplier", s.kappa_multiplier)
     if s.kappa != "auto":
         _positive("adapter.scalora.kappa", s.kappa)
+    _positive("adapter.scalora.accumulator_rank", s.accumulator_rank)
+    if m.load_in_4bit and a.method == "full":
+        raise ConfigError(
+            "adapter.method: full fine-tuning cannot train a 4-bit base (model.load_in_4bit); "
+            "use lora or scalora"
+        )
     if s.warmup_steps < 0:
         raise ConfigError("adapter.scalora.warmup_steps: must be >= 0")
     if not d.train_files:

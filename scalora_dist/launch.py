@@ -172,6 +172,13 @@ def format_command(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
+def torchrun_env() -> dict[str, str]:
+    """torch 2.13 shares the rendezvous TCP store with the workers; workers restarted by
+    --max-restarts then read the previous attempt's addresses and fail to connect
+    (gloo connectFullMesh refused). A store per attempt avoids it."""
+    return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
 def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> int:
     """Run `cmd` (a torchrun command) and return its exit code.
 
@@ -212,7 +219,9 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
                 previous[sig] = signal.signal(sig, relay)
             except ValueError:  # not the main thread: signals stay as they are
                 break
-        procs.append(subprocess.Popen(cmd, start_new_session=True, preexec_fn=_death_signal_setter()))
+        procs.append(subprocess.Popen(
+            cmd, start_new_session=True, preexec_fn=_death_signal_setter(), env=torchrun_env(),
+        ))
         proc = procs[0]
         if received:
             _signal_group(proc.pid, received[0])

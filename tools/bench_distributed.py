@@ -1,26 +1,30 @@
 """Step time, host memory per rank and communication of LoRA vs ScaLoRA under FSDP2, per world size.
 
     python tools/bench_distributed.py                          # world sizes 1, 2, 4; CPU, gloo
-    python tools/bench_distributed.py --ranks 1,2 --steps 30 --skip-load
+    python tools/bench_distributed.py --ranks 1,2 --steps 30 --skip-load --skip-alone
 
 Every measurement is a torchrun job (`python -m torch.distributed.run --standalone
 --nproc-per-node W`), world size 1 included, so the FSDP2 path is measured everywhere;
-OMP_NUM_THREADS = max(1, cores // W). Rank 0 of each job writes a JSON result; the tables
-come last.
+OMP_NUM_THREADS = max(1, cores // W) (or --threads) and OMP_WAIT_POLICY=PASSIVE unless set
+(busy-waiting OpenMP threads make steps ~10x slower when the cores are shared). Rank 0 of
+each job writes a JSON result; the tables come last. Temporary files only, removed at the end.
 
 1. Step time: the variants (lora, scalora I=1, scalora I=10) are set up in the same job and
    their steps interleaved after warm-up (lora, scalora, scalora-I10, lora, ...), so machine
-   noise hits them alike; median step time on rank 0 and the ratio to lora, per world size.
-   Same model and global batch everywhere (micro-batch = global batch / W).
-2. Host memory per rank (ru_maxrss): (a) loading alone, one job per world size on a larger
-   model whose weights dominate the Python baseline: baseline after imports, peak after
-   `setup()`, the increase, and this rank's parameter shard, next to the full checkpoint
-   size; (b) peak after the timed steps, each variant alone in its own job (ru_maxrss only
-   grows), and the interleaved job's peak (all variants resident at once).
-3. Communication in one step (recorded at the dispatcher with CollectiveRecorder): ScaLoRA's
-   refactor (expected: one all-reduce of L x 2 x (2r)^2 float64) next to FSDP2's all-gathers
-   and reduce-scatters of the same step. Bytes are each collective's full buffer (an
-   all-gather's output, a reduce-scatter's input), not bytes on the wire.
+   noise hits them alike; median step time on rank 0 and the ratio to lora (of the medians,
+   and the median of the per-round ratios), per world size. Same model and global batch
+   everywhere (micro-batch = global batch / W).
+2. Host memory per rank: (a) loading, one job per world size on a larger model whose weights
+   dominate the Python baseline: ru_maxrss after imports and after `setup()`, the increase,
+   this rank's parameter shard, and the peak growth of anonymous and of file-backed memory
+   (sampled every 5 ms; ru_maxrss counts the pages of the memory-mapped safetensors file
+   too); (b) ru_maxrss after the steps: each variant alone in its own job (ru_maxrss only
+   grows), and the interleaved step-time job's (all variants resident at once).
+3. Communication in one step, recorded at the dispatcher (a CollectiveRecorder that also sees
+   DTensor's own collectives): ScaLoRA's refactor (expected: one all-reduce of
+   L x 2 x (2r)^2 float64) next to FSDP2's all-gathers and reduce-scatters of the same step.
+   Bytes are each collective's full buffer (an all-gather's output, a reduce-scatter's
+   input), not bytes on the wire.
 """
 
 from __future__ import annotations
@@ -353,6 +357,9 @@ def main() -> None:
     p.add_argument("--load-num-layers", type=int, default=8, help="loading-memory model")
     p.add_argument("--load-intermediate-size", type=int, default=2816, help="loading-memory model")
     p.add_argument("--skip-load", action="store_true", help="no loading-memory jobs")
+    p.add_argument("--alone-steps", type=int, default=3,
+                   help="steps after warm-up in each per-variant peak-RSS job (the peak is reached by "
+                        "the first optimizer step and refactor)")
     p.add_argument("--skip-alone", action="store_true",
                    help="no per-variant peak-RSS jobs (report only the interleaved job's peak)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
@@ -435,17 +442,16 @@ def main() -> None:
                 num_heads=max(1, lh // 64), num_kv_heads=max(1, lh // 128),
                 intermediate_size=args.load_intermediate_size, corpus_files=[str(data)],
             )
-        common = ["--model-dir", str(step_model), "--data", str(data),
-                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
-                  "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        common = ["--model-dir", str(step_model), "--data", str(data), "--warmup", str(args.warmup),
+                  "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
         for w in worlds:
             results["time"][w] = run_job(
-                w, ["--worker", "time", "--variants", ",".join(variants), *common],
+                w, ["--worker", "time", "--variants", ",".join(variants), "--steps", str(args.steps), *common],
                 tmp_path / f"time-{w}.json", env, "interleaved step-time job")
         if not args.skip_alone:
             for w in worlds:
                 results["alone"][w] = {
-                    v: run_job(w, ["--worker", "alone", "--variant", v, *common],
+                    v: run_job(w, ["--worker", "alone", "--variant", v, "--steps", str(args.alone_steps), *common],
                                tmp_path / f"alone-{w}-{v}.json", env, f"peak-RSS job, {v} alone")
                     for v in variants
                 }
@@ -516,9 +522,10 @@ def main() -> None:
 
     # 2b. peak memory after the steps -----------------------------------------------------------
     t = Table(title=(
-        f"2b. peak host memory per rank after {args.warmup}+{args.steps} steps (ru_maxrss, MiB, "
-        f"max / min over ranks), step-time model"
-        + ("" if args.skip_alone else "; 'alone': each variant in its own job")))
+        "2b. peak host memory per rank (ru_maxrss, MiB, max / min over ranks), step-time model"
+        + ("" if args.skip_alone else
+           f"; 'alone': each variant in its own job, {args.warmup}+{args.alone_steps} steps")
+        + f"; interleaved: the step-time job, {args.warmup}+{args.steps}+1 steps of each variant"))
     t.add_column("W", justify="right")
     if not args.skip_alone:
         for v in variants:

@@ -44,6 +44,55 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for the 4-bit frozen base. Codes are packed into
+    bf16-typed storage so FSDP2 can shard them like any bf16 tensor (method.md §6)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "model.load_in_4bit: needs the bitsandbytes package (pip install 'scalora-dist[quant]')"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if cfg.quant_compute_dtype == "auto" else DTYPES[cfg.quant_compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer (checked by name so bitsandbytes stays optional)."""
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def keep_cpu_layout_stable(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks 4-bit codes into an AVX512-bf16 kernel layout at the first
+    CPU forward in eval mode; the repacked codes then give wrong outputs in training mode and
+    only approximately convert back. Training alternates eval and train, so keep the
+    portable layout."""
+    for module in model.modules():
+        if is_quantized_linear(module):
+            module.support_avx512bf16_for_cpu = False
+
+
+@torch.no_grad()
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The float32 weight of a bitsandbytes 4-bit layer. On CPUs with AVX512-bf16,
+    bitsandbytes repacks the codes into a CPU kernel layout at the first inference forward;
+    undo that (as bitsandbytes' own state_dict does) before dequantising."""
+    import bitsandbytes.functional as bnbf
+
+    data, state = linear.weight.data, linear.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+    return bnbf.dequantize_4bit(data, state).float()
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     model_dir = check_model_dir(cfg.path)
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -51,13 +100,18 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
             "model.attn_implementation: flash_attention_2 needs the flash-attn package "
             "(pip install 'scalora-dist[flash]'); use sdpa otherwise"
         )
+    dtype = model_dtype(cfg, device)
+    extra = {"quantization_config": quantization_config(cfg, dtype)} if cfg.load_in_4bit else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        dtype=model_dtype(cfg, device),
+        dtype=dtype,
         attn_implementation=cfg.attn_implementation,
         device_map={"": torch.device(device)},
+        **extra,
     )
     model.config.use_cache = False
+    if cfg.load_in_4bit:
+        keep_cpu_layout_stable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

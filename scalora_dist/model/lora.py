@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import AdapterConfig, ConfigError
+from scalora_dist.model.loading import dequantized_weight, is_quantized_linear
 
 
 class LoRALinear(nn.Module):
@@ -30,7 +31,10 @@ class LoRALinear(nn.Module):
     weights keep their own (float32 masters under bf16 compute).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float):
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float,
+        accumulator_rank: int = 0,
+    ):
         super().__init__()
         self.base = base
         self.rank = rank
@@ -45,12 +49,26 @@ class LoRALinear(nn.Module):
         # all-gathers for the forward anyway, so the merge needs no extra collective.
         self.capture_full_A = False
         self.full_A: torch.Tensor | None = None
+        # A 4-bit base cannot absorb ScaLoRA's small merges (requantising leaves the codes
+        # as they were), so the merged update lives in a float32 low-rank accumulator
+        # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank).
+        self.quantized = is_quantized_linear(base)
+        if accumulator_rank:
+            self.register_buffer("acc_U", torch.zeros(base.out_features, accumulator_rank, device=device))
+            self.register_buffer("acc_V", torch.zeros(base.in_features, accumulator_rank, device=device))
+        else:
+            self.acc_U = self.acc_V = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture_full_A:
             self.full_A = self.lora_A.detach().float().clone()
-        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-        y = F.linear(x, self.base.weight.to(x.dtype), bias)
+        if self.quantized:
+            y = self.base(x)  # bitsandbytes dequantises on the fly
+        else:
+            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+            y = F.linear(x, self.base.weight.to(x.dtype), bias)
+        if self.acc_U is not None:
+            y = y + F.linear(F.linear(x, self.acc_V.T.to(x.dtype)), self.acc_U.to(x.dtype))
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scale
 
@@ -58,6 +76,17 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s * lora_B @ lora_A, in float32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
+
+    @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as float32: dequantised 4-bit codes plus the accumulator."""
+        if self.quantized:
+            w = dequantized_weight(self.base)
+        else:
+            w = self.base.weight.float()
+        if self.acc_U is not None:
+            w = w + self.acc_U.float() @ self.acc_V.float().T
+        return w
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:.4g}"
@@ -122,17 +151,30 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list
     Returns the targeted module names.
     """
     names = find_target_linears(model, cfg.target_modules)
+    quantized = any(is_quantized_linear(m) for m in model.modules())
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         linear = model.get_submodule(name)
+        if quantized and not is_quantized_linear(linear):
+            raise ConfigError(
+                f"adapter.target_modules: {name} ({type(linear).__name__}) was not quantised "
+                "to 4 bits, so it cannot be adapted in a model.load_in_4bit run; only the "
+                "model's nn.Linear layers (not the output head) are supported"
+            )
         if cfg.method == "full":
             linear.float()
             linear.weight.requires_grad_(True)
             continue
+        accumulator_rank = 0
         if cfg.method == "scalora":
-            linear.float()
-        layer = LoRALinear(linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout)
+            if is_quantized_linear(linear):
+                accumulator_rank = cfg.scalora.accumulator_rank
+            else:
+                linear.float()
+        layer = LoRALinear(
+            linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, accumulator_rank=accumulator_rank
+        )
         if not layer.lora_A.is_meta:
             with torch.no_grad():
                 layer.lora_A.copy_(initial_lora_A(name, cfg.rank, linear.in_features, seed))

@@ -87,6 +87,11 @@ def build_sharded_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     model_dir = check_model_dir(model_cfg.path)
+    if model_cfg.load_in_4bit:
+        raise ConfigError(
+            "model.load_in_4bit: 4-bit bases run in one process for now (the QLoRA-style "
+            "single-GPU mode); FSDP2-sharded 4-bit bases are not supported yet"
+        )
     dtype = model_dtype(model_cfg, device)
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -142,34 +147,30 @@ def checkpoint_key(param_name: str) -> str:
 def load_local_shards(model: nn.Module, model_dir: Path, *, seed: int) -> None:
     files = checkpoint_files(Path(model_dir))
     layers = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    handles: dict[Path, object] = {}
-    try:
-        for name, param in model.named_parameters():
-            local = param.to_local() if isinstance(param, DTensor) else param
-            offsets = _global_offsets(param)
-            if name.endswith(".lora_A") or name.endswith(".lora_B"):
-                layer_name = name.rsplit(".", 1)[0]
-                layer = layers[f"{layer_name}."]
-                if name.endswith(".lora_B"):
-                    local.zero_()
-                else:
-                    full = initial_lora_A(layer_name, layer.rank, layer.base.in_features, seed)
-                    local.copy_(_slice(full, offsets, local.shape))
-                continue
-            key = checkpoint_key(name)
-            if key not in files:
-                raise ConfigError(
-                    f"model.path: the checkpoint has no tensor {key!r} (needed for {name}); "
-                    "is it a checkpoint of this architecture?"
-                )
-            path = files[key]
-            if path not in handles:
-                handles[path] = safe_open(path, "pt", device="cpu")
-            tensor_slice = handles[path].get_slice(key)
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        offsets = _global_offsets(param)
+        if name.endswith(".lora_A") or name.endswith(".lora_B"):
+            layer_name = name.rsplit(".", 1)[0]
+            layer = layers[f"{layer_name}."]
+            if name.endswith(".lora_B"):
+                local.zero_()
+            else:
+                full = initial_lora_A(layer_name, layer.rank, layer.base.in_features, seed)
+                local.copy_(_slice(full, offsets, local.shape))
+            continue
+        key = checkpoint_key(name)
+        if key not in files:
+            raise ConfigError(
+                f"model.path: the checkpoint has no tensor {key!r} (needed for {name}); "
+                "is it a checkpoint of this architecture?"
+            )
+        # One short-lived mapping per tensor: pages read for it are released with it, so
+        # a rank's resident memory holds its shards, not the parts of the file it touched.
+        with safe_open(files[key], "pt", device="cpu") as f:
+            tensor_slice = f.get_slice(key)
             index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
             local.copy_(tensor_slice[index] if local.dim() else tensor_slice[:])
-    finally:
-        handles.clear()
 
 
 def _global_offsets(param: torch.Tensor) -> tuple[int, ...]:

@@ -187,3 +187,36 @@ def rescale_adam_moments_(
     _scale_rows_(exp_avg_sq_A, scales.alpha.square())
     _scale_columns_(exp_avg_B, scales.beta)
     _scale_columns_(exp_avg_sq_B, scales.beta.square())
+
+
+def increment_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, scales: Scales
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge increment s * lora_B diag(1 - alpha*beta) lora_A as a product a @ b.T with
+    a (m, r) and b (n, r), float32: what a base that cannot absorb it (4-bit codes) hands
+    to its accumulator instead."""
+    coef = (1.0 - scales.alpha * scales.beta).to(device=lora_B.device, dtype=torch.float32)
+    return lora_B.float() * (scale * coef), lora_A.float().T
+
+
+def accumulate_low_rank(
+    U: torch.Tensor, V: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-R approximation (Eckart-Young) of U V^T + a b^T, returned as (U', V') of the
+    same shapes as (U, V) (R columns), plus the Frobenius norm of what was dropped.
+
+    QR of the stacked factors and an SVD of the small (R+r) core: O((m+n)(R+r)^2), never an
+    m x n matrix. Computed in float64; U' carries the singular values."""
+    R = U.shape[1]
+    left = torch.cat([U, a], dim=1).double()
+    right = torch.cat([V, b], dim=1).double()
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right)
+    x, s, yh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    dropped = s[R:].square().sum().sqrt().item()
+    k = min(R, s.numel())  # R may exceed min(m, n): the extra columns stay zero
+    new_U = torch.zeros_like(U, dtype=torch.float64)
+    new_V = torch.zeros_like(V, dtype=torch.float64)
+    new_U[:, :k] = (q_left @ x[:, :k]) * s[:k]
+    new_V[:, :k] = q_right @ yh[:k].T
+    return new_U.to(U.dtype), new_V.to(V.dtype), dropped

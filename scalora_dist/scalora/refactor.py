@@ -134,7 +134,13 @@ class ScaLoRA:
         """Merge into this rank's rows of the base, rescale the local shards of factors,
         gradients and AdamW moments. Returns the bytes gathered (0 normally)."""
         full_A, gathered = _full_lora_A(layer)
-        sm.merge_increment_(_local(layer.base.weight), full_A, _local(layer.lora_B), layer.scale, scales)
+        if layer.acc_U is not None:
+            a, b = sm.increment_factors(full_A, _local(layer.lora_B), layer.scale, scales)
+            U, V, _ = sm.accumulate_low_rank(layer.acc_U, layer.acc_V, a, b)
+            layer.acc_U.copy_(U)
+            layer.acc_V.copy_(V)
+        else:
+            sm.merge_increment_(_local(layer.base.weight), full_A, _local(layer.lora_B), layer.scale, scales)
         sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
         sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
         state_A = self.optimizer.state.get(layer.lora_A, {})

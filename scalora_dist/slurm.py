@@ -1,0 +1,337 @@
+"""sbatch / torchrun launch scripts from one template.
+
+`scalora-dist slurm CONFIG ...` renders a job script for one run (config, overrides,
+interpreter, working directory and #SBATCH values baked in) and the files in `launch/` are
+the same template rendered with placeholders taken from the command line of the script
+(`sbatch launch/multi_node.sbatch CONFIG.yaml [key=value ...]`). Regenerate them with
+
+    python -m scalora_dist.slurm --write-examples launch/
+
+(tests/test_slurm.py checks that the committed files equal the rendered ones).
+
+What a job does (see `SBATCH_TEMPLATE`):
+
+1. pre-tokenises the train/eval files once, in one process on the first node
+   (`scalora_dist.data.load_split` with the model's tokenizer), so N nodes find a warm
+   `datasets` cache instead of tokenising the same data at once. The cache
+   (HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets) must be on storage every
+   node sees; otherwise each node tokenises again.
+2. `srun --ntasks-per-node=1`: one launcher per node, each running
+   `scalora-dist train CONFIG ... --nnodes $SLURM_NNODES --nproc-per-node G
+   --rdzv-endpoint $MASTER_ADDR:$RDZV_PORT --rdzv-id $SLURM_JOB_ID --max-restarts R
+   --resume auto`, MASTER_ADDR being the first host of the allocation.
+   `--resume auto` makes both torchrun restarts (a lost worker) and SLURM requeues
+   (`--requeue`, a lost node) continue from the newest complete checkpoint.
+3. The rendezvous join timeout goes to torchrun through its environment: torchrun reads
+   every option it is not given from `PET_<OPTION>`, so `PET_RDZV_CONF=join_timeout=S`
+   acts as `--rdzv-conf join_timeout=S` (the `train` command has no option for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The files of launch/ and how they are rendered (see `example_files`).
+EXAMPLE_NAMES = ("single_node.sbatch", "multi_node.sbatch", "torchrun_multi_host.sh")
+
+DEFAULT_JOIN_TIMEOUT_S = 1800
+DEFAULT_PORT_BASE = 20000
+
+
+class SlurmError(ValueError):
+    """Inconsistent `slurm` options; the message names the option."""
+
+
+@dataclass
+class SbatchOptions:
+    """What goes into one job script. `config` None renders the generic script of launch/
+    (CONFIG and overrides from the script's arguments)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    request_gpus: bool = True
+    partition: str | None = None
+    time: str | None = "24:00:00"
+    account: str | None = None
+    job_name: str = "scalora"
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    max_restarts: int = 3
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    output: str | None = None  # --output; default slurm-%j.out in the submit directory
+    chdir: str | None = None
+    python: str = "python3"
+    join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S
+    rdzv_port: int | None = None  # None: DEFAULT_PORT_BASE + SLURM_JOB_ID % 10000
+    requeue: bool = True
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise SlurmError(f"--nodes: must be >= 1, got {self.nodes}")
+        if self.gpus_per_node < 1:
+            raise SlurmError(f"--gpus-per-node: must be >= 1, got {self.gpus_per_node}")
+        if self.max_restarts < 0:
+            raise SlurmError(f"--max-restarts: must be >= 0, got {self.max_restarts}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise SlurmError(f"--cpus-per-task: must be >= 1, got {self.cpus_per_task}")
+        if self.time is not None and not re.fullmatch(
+            r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?", self.time
+        ):
+            raise SlurmError(
+                f"--time: expected MINUTES, HH:MM:SS, D-HH or D-HH:MM:SS, got {self.time!r}"
+            )
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
+            raise SlurmError(f"--mem: expected a size like 64G or 500M, got {self.mem!r}")
+        if self.join_timeout_s < 1:
+            raise SlurmError(f"join timeout: must be >= 1 s, got {self.join_timeout_s}")
+        if self.rdzv_port is not None and not 0 < self.rdzv_port < 65536:
+            raise SlurmError(f"--rdzv-port: must be in 1..65535, got {self.rdzv_port}")
+        for name in ("partition", "account", "job_name", "output", "chdir"):
+            value = getattr(self, name)
+            if value is not None and (not str(value).strip() or re.search(r"[\s'\"$`\\]", str(value))):
+                option = "--" + name.replace("_", "-")
+                raise SlurmError(
+                    f"{option}: {value!r} cannot go on an #SBATCH line (empty, or has "
+                    "spaces, quotes, $ or backslashes)"
+                )
+
+
+# ---------------------------------------------------------------------------------------
+# Template. {placeholders} are filled by `render_sbatch`; $VARIABLES are the shell's.
+
+SBATCH_TEMPLATE = """\
+#!/bin/bash
+{header}
+{sbatch_lines}
+#
+# One srun task per node; each runs one torchrun launcher (`scalora-dist train ... --nnodes`)
+# that starts {nproc_desc} worker processes. Rendezvous: c10d on the first node of the
+# allocation, id = $SLURM_JOB_ID. A failed worker makes torchrun restart all workers
+# (--max-restarts), a requeued job (--requeue) starts again; both resume from the newest
+# complete checkpoint in output.dir/checkpoints (--resume auto), so set train.save_every.
+set -euo pipefail
+
+{config_block}
+# The interpreter that has scalora_dist installed (override: PYTHON=... sbatch ...).
+PYTHON=${{PYTHON:-{python}}}
+NPROC_PER_NODE=${{NPROC_PER_NODE:-{nproc}}}
+MAX_RESTARTS={max_restarts}
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# A port per job, so two jobs sharing a node do not collide; override with RDZV_PORT=....
+RDZV_PORT=${{RDZV_PORT:-{rdzv_port}}}
+# torchrun reads options it is not given from PET_<OPTION>: this is --rdzv-conf. A long
+# join timeout lets slow nodes (image pulls, busy file systems) join; a misconfigured
+# rendezvous (e.g. every node on its own localhost) fails after it with a RendezvousTimeoutError.
+export PET_RDZV_CONF=${{PET_RDZV_CONF:-join_timeout={join_timeout}}}
+# Workers get a fresh TCPStore per attempt instead of sharing the agent's: with the shared
+# store, workers restarted by --max-restarts can read the previous attempt's addresses
+# ("Gloo connectFullMesh failed ... Connection refused", seen with torch 2.13).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+export PYTHONUNBUFFERED=1
+
+# --- network settings (opt-in; uncomment what your cluster needs) ---------------------
+# export NCCL_SOCKET_IFNAME=ib0        # interface NCCL uses for bootstrap/sockets (e.g. ib0, eth0, ^lo,docker)
+# export GLOO_SOCKET_IFNAME=eth0       # interface gloo uses (CPU jobs, and torch's own collectives)
+# export NCCL_IB_DISABLE=1             # no InfiniBand: force TCP sockets
+# export NCCL_DEBUG=INFO               # log NCCL's choice of transports/interfaces (WARN is quieter)
+# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1   # turn NCCL hangs into errors (default in recent torch)
+
+echo "job $SLURM_JOB_ID (restart count ${{SLURM_RESTART_COUNT:-0}}): nodes $SLURM_JOB_NODELIST, $SLURM_NNODES x $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$RDZV_PORT"
+if [ "$SLURM_NNODES" -gt 1 ]; then
+  case "$MASTER_ADDR" in
+    localhost|127.*|::1|ip6-localhost)
+      echo "error: rendezvous host '$MASTER_ADDR' is a loopback address, but the job spans $SLURM_NNODES nodes" >&2
+      exit 2;;
+  esac
+fi
+
+# --- 1. pre-tokenise once (one process, this node) ------------------------------------
+# The datasets cache (HF_DATASETS_CACHE, default ~/.cache/huggingface/datasets) must be on
+# storage that all nodes share, or every node tokenises again.
+# export HF_DATASETS_CACHE=/shared/cache/datasets
+"$PYTHON" - "$CONFIG" "${{OVERRIDES[@]}}" <<'PRETOKENIZE'
+import sys
+from scalora_dist.config import load_config
+from scalora_dist.data import load_split
+from scalora_dist.model.loading import load_tokenizer
+cfg = load_config(sys.argv[1], sys.argv[2:])
+tokenizer = load_tokenizer(cfg.model)
+for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+    if files:
+        print(f"pre-tokenised {{name}}: {{len(load_split(cfg.data, tokenizer, files))}} examples", flush=True)
+PRETOKENIZE
+
+# --- 2. one torchrun launcher per node --------------------------------------------------
+srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 ${{SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}} \\
+  "$PYTHON" -m scalora_dist.cli train "$CONFIG" "${{OVERRIDES[@]}}" --quiet \\
+    --nnodes "$SLURM_NNODES" --nproc-per-node "$NPROC_PER_NODE" \\
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \\
+    --max-restarts "$MAX_RESTARTS" --resume auto
+"""
+
+MULTI_HOST_TEMPLATE = """\
+#!/bin/bash
+# Hand-launched multi-host run (no scheduler): start this script on EVERY host, with the
+# same arguments:
+#   NNODES=2 MASTER_ADDR=host0 NPROC_PER_NODE=8 launch/torchrun_multi_host.sh CONFIG.yaml [key=value ...]
+# MASTER_ADDR is a name or address of the first host that every host can reach (never
+# localhost). RDZV_ID must be the same on all hosts and new for each run (default: derived
+# from the command line). Pre-tokenise once before starting the hosts (shared cache):
+#   PRETOKENIZE_ONLY=1 launch/torchrun_multi_host.sh CONFIG.yaml [key=value ...]
+# Generated by `python -m scalora_dist.slurm --write-examples launch/`; edit the template there.
+set -euo pipefail
+
+CONFIG=${{1:?usage: NNODES=N MASTER_ADDR=HOST launch/torchrun_multi_host.sh CONFIG.yaml [key=value ...]}}
+shift
+OVERRIDES=("$@")
+PYTHON=${{PYTHON:-python3}}
+NNODES=${{NNODES:?set NNODES (number of hosts)}}
+NPROC_PER_NODE=${{NPROC_PER_NODE:-1}}
+MAX_RESTARTS=${{MAX_RESTARTS:-{max_restarts}}}
+RDZV_PORT=${{RDZV_PORT:-29500}}
+export PET_RDZV_CONF=${{PET_RDZV_CONF:-join_timeout={join_timeout}}}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}}  # see the sbatch scripts
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
+# export NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0 NCCL_IB_DISABLE=1 NCCL_DEBUG=INFO
+
+if [ "${{PRETOKENIZE_ONLY:-0}}" = 1 ]; then
+  exec "$PYTHON" - "$CONFIG" "${{OVERRIDES[@]}}" <<'PRETOKENIZE'
+import sys
+from scalora_dist.config import load_config
+from scalora_dist.data import load_split
+from scalora_dist.model.loading import load_tokenizer
+cfg = load_config(sys.argv[1], sys.argv[2:])
+tokenizer = load_tokenizer(cfg.model)
+for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+    if files:
+        print(f"pre-tokenised {{name}}: {{len(load_split(cfg.data, tokenizer, files))}} examples", flush=True)
+PRETOKENIZE
+fi
+MASTER_ADDR=${{MASTER_ADDR:?set MASTER_ADDR (first host, reachable from all hosts)}}
+exec "$PYTHON" -m scalora_dist.cli train "$CONFIG" "${{OVERRIDES[@]}}" --quiet \\
+  --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \\
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT" ${{RDZV_ID:+--rdzv-id "$RDZV_ID"}} \\
+  --max-restarts "$MAX_RESTARTS" --resume auto
+"""
+
+
+def _sbatch_lines(o: SbatchOptions) -> list[str]:
+    lines = [f"#SBATCH --job-name={o.job_name}", f"#SBATCH --nodes={o.nodes}", "#SBATCH --ntasks-per-node=1"]
+    if o.request_gpus:
+        lines.append(f"#SBATCH --gpus-per-node={o.gpus_per_node}")
+    if o.cpus_per_task is not None:
+        lines.append(f"#SBATCH --cpus-per-task={o.cpus_per_task}")
+    if o.mem is not None:
+        lines.append(f"#SBATCH --mem={o.mem}")
+    if o.time is not None:
+        lines.append(f"#SBATCH --time={o.time}")
+    if o.partition is not None:
+        lines.append(f"#SBATCH --partition={o.partition}")
+    if o.account is not None:
+        lines.append(f"#SBATCH --account={o.account}")
+    if o.chdir is not None:
+        lines.append(f"#SBATCH --chdir={o.chdir}")
+    lines.append(f"#SBATCH --output={o.output or 'slurm-%x-%j.out'}")
+    if o.requeue:
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]  # a requeued job appends to its log
+    return lines
+
+
+def render_sbatch(o: SbatchOptions, header: str | None = None) -> str:
+    """The job script for `o` (SlurmError when an option is invalid)."""
+    o.validate()
+    if o.config is None:
+        config_block = (
+            'CONFIG=${1:?usage: sbatch ' + (header or "SCRIPT") + ' CONFIG.yaml [key=value ...]}\n'
+            "shift\n"
+            'OVERRIDES=("$@")               # key.path=value overrides from the sbatch command line'
+        )
+        header_text = (
+            f"# Usage: sbatch {header} CONFIG.yaml [key=value ...]   (from the project directory)\n"
+            "# Edit the #SBATCH lines (partition, account, time, gpus) for your cluster, or generate\n"
+            "# a script for one run: scalora-dist slurm CONFIG.yaml --nodes N --gpus-per-node G ...\n"
+            "# Generated by `python -m scalora_dist.slurm --write-examples launch/`; edit the template there."
+        )
+    else:
+        config_block = (
+            f"CONFIG={shlex.quote(o.config)}\n"
+            f"OVERRIDES=({' '.join(shlex.quote(x) for x in o.overrides)}"
+            + (" " if o.overrides else "")
+            + '"$@")'
+        )
+        header_text = (
+            "# Generated by `scalora-dist slurm` for this run; submit with: sbatch THIS_FILE\n"
+            "# (extra key=value overrides after the file name are appended)."
+        )
+    return SBATCH_TEMPLATE.format(
+        header=header_text,
+        sbatch_lines="\n".join(_sbatch_lines(o)),
+        nproc_desc=str(o.gpus_per_node),
+        config_block=config_block,
+        python=shlex.quote(o.python),
+        nproc=o.gpus_per_node,
+        max_restarts=o.max_restarts,
+        rdzv_port=str(o.rdzv_port) if o.rdzv_port else f"$(({DEFAULT_PORT_BASE} + SLURM_JOB_ID % 10000))",
+        join_timeout=o.join_timeout_s,
+    )
+
+
+def example_files() -> dict[str, str]:
+    """File name -> content of the scripts in launch/."""
+    single = SbatchOptions(nodes=1, gpus_per_node=8, time="24:00:00", job_name="scalora")
+    multi = SbatchOptions(nodes=2, gpus_per_node=8, time="24:00:00", job_name="scalora")
+    return {
+        "single_node.sbatch": render_sbatch(single, header="launch/single_node.sbatch"),
+        "multi_node.sbatch": render_sbatch(multi, header="launch/multi_node.sbatch"),
+        "torchrun_multi_host.sh": MULTI_HOST_TEMPLATE.format(
+            max_restarts=3, join_timeout=DEFAULT_JOIN_TIMEOUT_S
+        ),
+    }
+
+
+def write_examples(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in example_files().items():
+        path = directory / name
+        path.write_text(text)
+        path.chmod(0o755)
+        written.append(path)
+    return written
+
+
+def parse_job_id(sbatch_stdout: str) -> str | None:
+    """The job id from sbatch's output ("Submitted batch job 123" or --parsable "123[;cluster]")."""
+    m = re.search(r"Submitted batch job (\d+)", sbatch_stdout) or re.match(r"\s*(\d+)", sbatch_stdout)
+    return m.group(1) if m else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-examples", metavar="DIR", help="(re)write the scripts of launch/ into DIR")
+    parser.add_argument("--check", metavar="DIR", help="exit 1 if DIR's scripts differ from the template")
+    args = parser.parse_args(argv)
+    if args.write_examples:
+        for path in write_examples(args.write_examples):
+            print(f"wrote {path}")
+    if args.check:
+        stale = [n for n, t in example_files().items()
+                 if not (Path(args.check) / n).is_file() or (Path(args.check) / n).read_text() != t]
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run python -m scalora_dist.slurm --write-examples {args.check}")
+            return 1
+    if not (args.write_examples or args.check):
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
