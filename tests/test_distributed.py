@@ -133,7 +133,15 @@ def test_resume_reproduces_the_uninterrupted_run_on_the_same_and_other_rank_coun
         assert loss == pytest.approx(full_losses[step], rel=1e-5)
 
 
+def test_activation_checkpointing_under_fsdp2_changes_nothing(tiny_llama, tmp_path):
+    _ok(_train(tiny_llama, tmp_path / "plain", 1))
+    _ok(_train(tiny_llama, tmp_path / "ckpt", 2, "model.gradient_checkpointing=true"))
+    _assert_same_weights(_merged(tmp_path / "plain"), _merged(tmp_path / "ckpt"))
+
+
 def test_world_size_that_cannot_shard_the_adapter_is_a_clear_error(tiny_llama, tmp_path):
     proc = _train(tiny_llama, tmp_path / "w3", 3, "train.micro_batch_size=1", timeout=240)
     assert proc.returncode != 0
     assert "do not divide by 3" in proc.stderr
+    proc = _train(tiny_llama, tmp_path / "offload", 2, "model.cpu_offload=true", timeout=240)
+    assert proc.returncode != 0 and "model.cpu_offload" in proc.stderr

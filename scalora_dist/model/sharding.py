@@ -92,6 +92,11 @@ def build_sharded_model(
             "model.load_in_4bit: 4-bit bases run in one process for now (the QLoRA-style "
             "single-GPU mode); FSDP2-sharded 4-bit bases are not supported yet"
         )
+    if cpu_offload and device.type == "cpu":
+        raise ConfigError(
+            "model.cpu_offload: moves sharded state from the GPU to host memory, but this run "
+            "has no GPU (its state is in host memory already)"
+        )
     dtype = model_dtype(model_cfg, device)
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
