@@ -166,26 +166,27 @@ def test_full_fine_tuning_baseline(tiny_llama, tmp_path):
     assert changed and all(n.endswith("o_proj.weight") for n in changed)
 
 
+def _corrupted_copy(model_dir, out_dir, value: float):
+    """A copy of the checkpoint with one non-finite weight, as a broken download would be."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = value
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return out_dir
+
+
 def test_non_finite_loss_stops_the_run_naming_the_step(tiny_llama, tmp_path):
     """A corrupted checkpoint (an inf weight) gives a NaN loss at the first step."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
-    model.save_pretrained(tmp_path / "corrupt")
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "corrupt")
-    cfg = _config(tmp_path / "corrupt", tmp_path / "out")
+    cfg = _config(_corrupted_copy(tiny_llama, tmp_path / "corrupt", float("inf")), tmp_path / "out")
     with pytest.raises(TrainingError, match=r"step 1: loss is nan"):
         train(cfg, show_progress=False)
     assert not (tmp_path / "out/merged").exists()
 
 
 def test_non_finite_loss_can_skip_the_update(tiny_llama, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    model.save_pretrained(tmp_path / "corrupt")
-    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "corrupt")
-    cfg = _config(tmp_path / "corrupt", tmp_path / "out", "train.on_nonfinite_loss=skip",
+    corrupt = _corrupted_copy(tiny_llama, tmp_path / "corrupt", float("nan"))
+    cfg = _config(corrupt, tmp_path / "out", "train.on_nonfinite_loss=skip",
                   "train.max_steps=3", "output.save_merged=false")
     run = setup(cfg)
     factors = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}

@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_step import interleave  # tools/ is on sys.path when a tool runs
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -186,17 +188,11 @@ def worker_time(args, info) -> dict:
 
     from scalora_dist.config import load_config
     from scalora_dist.metrics import peak_rss_mib
-    from scalora_dist.train import setup, train_step
+    from scalora_dist.train import setup
 
     variants = args.variants.split(",")
     runs = {v: setup(load_config(None, overrides_for(args, v, info.world_size)), info) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for step in range(args.warmup + args.steps):
-        for v, run in runs.items():
-            started = time.perf_counter()
-            train_step(run, step)
-            if step >= args.warmup:
-                times[v].append(time.perf_counter() - started)
+    times = interleave(runs, args.warmup, args.steps)
     peak = peak_rss_mib()
     comm_step = args.warmup + args.steps
     comm = {v: measured_step(runs[v], comm_step) for v in ("lora", "scalora") if v in runs}

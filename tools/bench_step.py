@@ -63,18 +63,24 @@ def build_run(args: argparse.Namespace, variant: str, model_dir: Path, data: Pat
     return setup(load_config(None, overrides_for(args, variant, model_dir, data)))
 
 
-def time_interleaved(args, variants, model_dir, data) -> dict[str, list[float]]:
+def interleave(runs: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Step every run in turn (v1, v2, v3, v1, ...) so machine noise hits them alike;
+    returns each run's step times after `warmup` untimed steps."""
     from scalora_dist.train import train_step
 
-    runs = {v: build_run(args, v, model_dir, data) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for step in range(args.warmup + args.steps):
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    for step in range(warmup + steps):
         for v, run in runs.items():
             started = time.perf_counter()
             train_step(run, step)
-            if step >= args.warmup:
+            if step >= warmup:
                 times[v].append(time.perf_counter() - started)
     return times
+
+
+def time_interleaved(args, variants, model_dir, data) -> dict[str, list[float]]:
+    runs = {v: build_run(args, v, model_dir, data) for v in variants}
+    return interleave(runs, args.warmup, args.steps)
 
 
 def peak_rss_alone(variant: str, argv: list[str]) -> float:
