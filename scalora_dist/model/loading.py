@@ -48,10 +48,11 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for the 4-bit frozen base. Codes are packed into
     bf16-typed storage so FSDP2 can shard them like any bf16 tensor (method.md §6)."""
     try:
+        import accelerate  # noqa: F401
         import bitsandbytes  # noqa: F401
-    except ImportError:
+    except ImportError as e:
         raise ConfigError(
-            "model.load_in_4bit: needs the bitsandbytes package (pip install 'scalora-dist[quant]')"
+            f"model.load_in_4bit: needs the {e.name} package (pip install 'scalora-dist[quant]')"
         ) from None
     from transformers import BitsAndBytesConfig
 
@@ -101,14 +102,15 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
             "(pip install 'scalora-dist[flash]'); use sdpa otherwise"
         )
     dtype = model_dtype(cfg, device)
-    extra = {"quantization_config": quantization_config(cfg, dtype)} if cfg.load_in_4bit else {}
+    extra = {}
+    if cfg.load_in_4bit:
+        # bitsandbytes quantises while loading onto the target device (needs accelerate)
+        extra = {"quantization_config": quantization_config(cfg, dtype), "device_map": {"": torch.device(device)}}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype,
-        attn_implementation=cfg.attn_implementation,
-        device_map={"": torch.device(device)},
-        **extra,
+        model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
     )
+    if not cfg.load_in_4bit:
+        model.to(device)
     model.config.use_cache = False
     if cfg.load_in_4bit:
         keep_cpu_layout_stable(model)
