@@ -226,18 +226,9 @@ def _sbatch_lines(o: SbatchOptions) -> list[str]:
     lines = [f"#SBATCH --job-name={o.job_name}", f"#SBATCH --nodes={o.nodes}", "#SBATCH --ntasks-per-node=1"]
     if o.request_gpus:
         lines.append(f"#SBATCH --gpus-per-node={o.gpus_per_node}")
-    if o.cpus_per_task is not None:
-        lines.append(f"#SBATCH --cpus-per-task={o.cpus_per_task}")
-    if o.mem is not None:
-        lines.append(f"#SBATCH --mem={o.mem}")
-    if o.time is not None:
-        lines.append(f"#SBATCH --time={o.time}")
-    if o.partition is not None:
-        lines.append(f"#SBATCH --partition={o.partition}")
-    if o.account is not None:
-        lines.append(f"#SBATCH --account={o.account}")
-    if o.chdir is not None:
-        lines.append(f"#SBATCH --chdir={o.chdir}")
+    optional = (("cpus-per-task", o.cpus_per_task), ("mem", o.mem), ("time", o.time),
+                ("partition", o.partition), ("account", o.account), ("chdir", o.chdir))
+    lines += [f"#SBATCH --{flag}={value}" for flag, value in optional if value is not None]
     lines.append(f"#SBATCH --output={o.output or 'slurm-%x-%j.out'}")
     if o.requeue:
         lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]  # a requeued job appends to its log

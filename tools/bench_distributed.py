@@ -43,7 +43,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_step import interleave  # tools/ is on sys.path when a tool runs
+from bench_step import interleave, write_data  # tools/ is on sys.path when a tool runs
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -55,14 +55,6 @@ VARIANTS = {
     "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
 }
 MIB = 1024 * 1024
-
-
-def write_data(path: Path, n: int = 512) -> None:
-    words = "the a cat dog bird sees finds likes near under over blue red green big small".split()
-    with path.open("w") as f:
-        for i in range(n):
-            text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(60))
-            f.write(json.dumps({"text": text}) + "\n")
 
 
 def cores() -> int:
