@@ -12,7 +12,8 @@ Checkpoint layout (one directory per saved step, under the run's checkpoint root
       .tmp-step-00000300/       a save in progress (or one that crashed): never loaded
 
 A ScaLoRA run cannot be resumed from its adapters (the merged part of every weight is high
-rank), so the model state is the whole model. `get_state_dict`/`set_state_dict` give the same
+rank), so the model state is the whole model, except frozen 4-bit codes: they never change
+and are quantised again from model.path at setup, so they are not written. `get_state_dict`/`set_state_dict` give the same
 FQN-keyed state for FSDP2-sharded (DTensor) and plain modules, and DCP reshards on load, so a
 checkpoint written by N ranks loads on M ranks, or into a plain single-process model.
 
@@ -42,10 +43,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from scalora_dist.model.loading import dequantized_weight
+from scalora_dist.model.loading import dequantize, is_quantized_linear, quant_state
 from scalora_dist.model.lora import LoRALinear
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def save_checkpoint(
 
     _agree(_attempt(prepare) if rank == 0 else None, f"checkpoint save: creating {tmp}")
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _training_state(model, optimizer)
     with _quiet_single_process():  # collective; raises on every rank if one fails
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not _distributed())
     del model_sd, optim_sd
@@ -343,6 +344,24 @@ def resolve_checkpoint(spec: str, ckpt_root: Path) -> Path:
     return path
 
 
+def _frozen_codes(model: nn.Module) -> list[str]:
+    """State-dict key prefixes of the 4-bit layers' packed codes (and their QuantState)."""
+    return [f"{name}.weight" for name, m in model.named_modules() if is_quantized_linear(m)]
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state to checkpoint: everything but the frozen 4-bit codes,
+    whose QuantState keys also differ between sharded and plain layers."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    frozen = tuple(_frozen_codes(model))
+    if frozen:
+        model_sd = {
+            k: v for k, v in model_sd.items()
+            if not any(k == f or k.startswith(f + ".") for f in frozen)
+        }
+    return model_sd, optim_sd
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load model and optimizer state in place (every rank calls it, any world size and
     sharding) and return the saved app_state. Each rank's RNG streams are restored when the
@@ -350,7 +369,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     path = Path(path)
     marker = _check_checkpoint_dir(path)
     rank, world = _rank_world()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _training_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with _quiet_single_process():
@@ -358,7 +377,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path} into this model/optimizer: {e}") from e
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=not _frozen_codes(model)),  # the codes stay as loaded
     )
     del state, model_sd, optim_sd
     # Our own file; app_state may hold any picklable object (config, loader state, ...).
@@ -413,12 +433,16 @@ def _param_item(name: str, t: torch.Tensor, dtype: torch.dtype) -> _Item:
 
 def _lora_item(name: str, layer: LoRALinear, dtype: torch.dtype) -> _Item:
     weight = layer.base.weight
-    if layer.quantized or layer.acc_U is not None:
+    if layer.quantized:
         # 4-bit base: dequantised codes + the low-rank accumulator of merged updates + adapter.
         def build_quantized(keep: bool) -> torch.Tensor | None:
+            codes, a, b = _full(weight), _full(layer.lora_A), _full(layer.lora_B)
+            acc = (_full(layer.acc_U), _full(layer.acc_V)) if layer.acc_U is not None else None
             if not keep:
                 return None
-            merged = layer.base_weight() + layer.delta_weight()
+            merged = dequantize(codes, layer.quant_state) + (b.float() @ a.float()) * layer.scale
+            if acc is not None:
+                merged += acc[0].float() @ acc[1].float().T
             return merged.to(device="cpu", dtype=dtype).contiguous()
 
         numel = layer.base.out_features * layer.base.in_features
@@ -438,9 +462,10 @@ def _dequantized_item(name: str, module: nn.Module, dtype: torch.dtype) -> _Item
     """A bitsandbytes 4-bit layer that was not adapted, written in full precision."""
 
     def build(keep: bool) -> torch.Tensor | None:
+        codes = _full(module.weight)  # whole on every rank, or gathered from FSDP2 shards
         if not keep:
             return None
-        return dequantized_weight(module).to(device="cpu", dtype=dtype).contiguous()
+        return dequantize(codes, quant_state(module)).to(device="cpu", dtype=dtype).contiguous()
 
     return _Item(name, module.out_features * module.in_features * dtype.itemsize, build)
 
@@ -481,11 +506,6 @@ def _export_groups(model: nn.Module, dtype: torch.dtype) -> list[list[_Item]]:
         if is_block:
             current = []
         quantized = _is_quantized(module) or (isinstance(module, LoRALinear) and _is_quantized(module.base))
-        if quantized and any(isinstance(p, DTensor) for p in module.parameters()):
-            raise CheckpointError(
-                f"export_merged: {prefix.rstrip('.') or 'the model'} holds sharded quantised "
-                "weights; merged export of FSDP2-sharded 4-bit bases is not supported yet"
-            )
         if quantized and not isinstance(module, LoRALinear):
             emit(_dequantized_item(prefix + "weight", module, dtype))
             if getattr(module, "bias", None) is not None:

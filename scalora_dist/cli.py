@@ -146,6 +146,12 @@ def train(
         _fail(str(e))
     cfg = _load(config, overrides)  # config errors show once, here, before any worker starts
     if options.needs_torchrun():
+        from scalora_dist.optim import check_optimizer
+
+        try:
+            check_optimizer(cfg.train, distributed=True)
+        except cfgmod.ConfigError as e:
+            _fail(str(e))
         _launch(config, overrides or [], options, quiet, resume, dry_run)
         return
     if dry_run:

@@ -39,6 +39,11 @@ class ModelConfig:
     """Quantise the 4-bit block scales too (saves ~0.4 bit per weight)."""
     quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the 4-bit layers compute in; `auto`: the model dtype."""
+    quant_placement: Literal["sharded", "replicated"] = "sharded"
+    """FSDP2 runs with a 4-bit base: `sharded` splits the packed codes across ranks like
+    any parameter (least memory, codes all-gathered per block); `replicated` keeps the
+    whole 4-bit base on every rank (FSDP2 ignored_params: no traffic for it) and shards
+    only the adapters and unquantised parameters."""
     cpu_offload: bool = False
     """FSDP2 runs (several processes): keep sharded parameters, gradients and optimizer
     state in host memory (FSDP2's CPUOffloadPolicy)."""
@@ -123,6 +128,11 @@ class TrainConfig:
     """Micro-batches per optimizer step; the step's loss is the mean over all its labelled tokens."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    """`adamw`: torch AdamW, float32 moments. bitsandbytes, one process only: `adamw_8bit`
+    keeps both moments as 8-bit blockwise codes (1/4 of the optimizer memory); `paged_*`
+    keep the state in CUDA unified memory that spills to the host under memory pressure (on
+    CPU they run unpaged). ScaLoRA rescales the moments of all of them."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after the warm-up: cosine or linear to 0, or constant."""
     warmup_steps: int = 0
@@ -312,6 +322,11 @@ def validate(config: Config) -> None:
     if s.kappa != "auto":
         _positive("adapter.scalora.kappa", s.kappa)
     _positive("adapter.scalora.accumulator_rank", s.accumulator_rank)
+    if m.quant_placement != "sharded" and not m.load_in_4bit:
+        raise ConfigError(
+            f"model.quant_placement: {m.quant_placement} only applies to 4-bit bases "
+            "(set model.load_in_4bit: true or drop the key)"
+        )
     if m.load_in_4bit and a.method == "full":
         raise ConfigError(
             "adapter.method: full fine-tuning cannot train a 4-bit base (model.load_in_4bit); "

@@ -38,6 +38,7 @@ from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, 
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.model.loading import load_model, load_tokenizer, model_dtype
 from scalora_dist.model.lora import inject_adapters, lora_layers, save_peft_adapter
+from scalora_dist.optim import build_optimizer
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -117,13 +118,7 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     )
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.train.lr,
-        betas=tuple(cfg.train.adam_betas),
-        eps=cfg.train.adam_eps,
-        weight_decay=cfg.train.weight_decay,
-    )
+    optimizer = build_optimizer(params, cfg.train, dist.distributed)
     scheduler = get_scheduler(
         SCHEDULERS[cfg.train.lr_scheduler], optimizer,
         num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps,

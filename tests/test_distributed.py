@@ -16,65 +16,25 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import (
+    assert_ok, assert_same_weights, logged_losses, merged_weights, train_job,
+)
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 2e-5
-
-
-def _train(model_dir, out, nproc, *overrides, resume=None, env=None, timeout=300):
-    micro_batch = 4 // nproc
-    cmd = [
-        sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-        f"model.path={model_dir}", f"output.dir={out}", "data.eval_files=[]", "train.eval_every=0",
-        "data.max_length=32", "adapter.rank=2", "adapter.alpha=4", "adapter.scalora.warmup_steps=2",
-        "train.max_steps=6", f"train.micro_batch_size={micro_batch}", "train.lr=1e-2",
-        "train.warmup_steps=0", "train.log_every=1", *overrides,
-    ]
-    if nproc > 1:
-        cmd += ["--nproc-per-node", str(nproc)]
-    if resume:
-        cmd += ["--resume", str(resume)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def _merged(out) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(out) / "merged/model.safetensors"))
-
-
-def _losses(out) -> dict[int, float]:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-
-def _assert_same_weights(a: dict, b: dict, tol: float = TOL) -> float:
-    assert a.keys() == b.keys()
-    worst = 0.0
-    for k in a:
-        err = ((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp(min=1e-12)).item()
-        worst = max(worst, err)
-        assert err < tol, f"{k}: relative error {err:.2e}"
-    return worst
 
 
 def test_scalora_on_1_2_and_4_ranks_gives_the_same_model(tiny_llama, tmp_path):
-    runs = {n: _ok(_train(tiny_llama, tmp_path / f"w{n}", n)) for n in (1, 2, 4)}
+    runs = {n: assert_ok(train_job(tiny_llama, tmp_path / f"w{n}", n)) for n in (1, 2, 4)}
     assert runs[2].stdout.count("done:") == 1  # only rank 0 prints
-    reference = _merged(tmp_path / "w1")
+    reference = merged_weights(tmp_path / "w1")
     base = load_file(str(Path(tiny_llama) / "model.safetensors"))
     moved = max(((reference[k] - base[k]).norm() / base[k].norm()).item() for k in base)
     assert moved > 1e-3, "training must change the weights for the comparison to mean anything"
     for n in (2, 4):
-        _assert_same_weights(reference, _merged(tmp_path / f"w{n}"))
-        for step, loss in _losses(tmp_path / "w1").items():
-            assert _losses(tmp_path / f"w{n}")[step] == pytest.approx(loss, rel=1e-5)
+        assert_same_weights(reference, merged_weights(tmp_path / f"w{n}"))
+        for step, loss in logged_losses(tmp_path / "w1").items():
+            assert logged_losses(tmp_path / f"w{n}")[step] == pytest.approx(loss, rel=1e-5)
     records = [json.loads(l) for l in (tmp_path / "w2/metrics.jsonl").read_text().splitlines()]
     refactors = [r for r in records if "scalora_column" in r]
     assert len(refactors) == 4 and all(r["scalora_collectives"] == 1 for r in refactors)
@@ -107,41 +67,41 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run_on_the_same_and_other_rank_counts(tiny_llama, tmp_path):
     steps = ["train.max_steps=8", "train.save_every=4", "train.keep_last=3"]
-    _ok(_train(tiny_llama, tmp_path / "full", 2, *steps))
+    assert_ok(train_job(tiny_llama, tmp_path / "full", 2, *steps))
 
     # A rank that raises ends the whole job, with its error shown, instead of hanging.
-    crashed = _train(tiny_llama, tmp_path / "crash", 2, *steps, env={"SCALORA_DIST_FAULT": "1:6"}, timeout=240)
+    crashed = train_job(tiny_llama, tmp_path / "crash", 2, *steps, env={"SCALORA_DIST_FAULT": "1:6"}, timeout=240)
     assert crashed.returncode != 0
     assert "injected failure at step 6 on rank 1" in crashed.stderr
     ckpts = sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir())
     assert ckpts == ["step-00000004"]
 
-    _ok(_train(tiny_llama, tmp_path / "crash", 2, *steps, resume="latest"))
-    reference = _merged(tmp_path / "full")
-    _assert_same_weights(reference, _merged(tmp_path / "crash"))
-    full_losses = _losses(tmp_path / "full")
-    resumed_losses = _losses(tmp_path / "crash")
+    assert_ok(train_job(tiny_llama, tmp_path / "crash", 2, *steps, resume="latest"))
+    reference = merged_weights(tmp_path / "full")
+    assert_same_weights(reference, merged_weights(tmp_path / "crash"))
+    full_losses = logged_losses(tmp_path / "full")
+    resumed_losses = logged_losses(tmp_path / "crash")
     assert sorted(resumed_losses) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
 
     # The 2-rank checkpoint resumes on 1 process (same global batch: micro-batch 4 x 1).
     checkpoint = tmp_path / "crash/checkpoints/step-00000004"
-    _ok(_train(tiny_llama, tmp_path / "one", 1, *steps, resume=checkpoint))
-    _assert_same_weights(reference, _merged(tmp_path / "one"))
-    for step, loss in _losses(tmp_path / "one").items():
+    assert_ok(train_job(tiny_llama, tmp_path / "one", 1, *steps, resume=checkpoint))
+    assert_same_weights(reference, merged_weights(tmp_path / "one"))
+    for step, loss in logged_losses(tmp_path / "one").items():
         assert loss == pytest.approx(full_losses[step], rel=1e-5)
 
 
 def test_activation_checkpointing_under_fsdp2_changes_nothing(tiny_llama, tmp_path):
-    _ok(_train(tiny_llama, tmp_path / "plain", 1))
-    _ok(_train(tiny_llama, tmp_path / "ckpt", 2, "model.gradient_checkpointing=true"))
-    _assert_same_weights(_merged(tmp_path / "plain"), _merged(tmp_path / "ckpt"))
+    assert_ok(train_job(tiny_llama, tmp_path / "plain", 1))
+    assert_ok(train_job(tiny_llama, tmp_path / "ckpt", 2, "model.gradient_checkpointing=true"))
+    assert_same_weights(merged_weights(tmp_path / "plain"), merged_weights(tmp_path / "ckpt"))
 
 
 def test_world_size_that_cannot_shard_the_adapter_is_a_clear_error(tiny_llama, tmp_path):
-    proc = _train(tiny_llama, tmp_path / "w3", 3, "train.micro_batch_size=1", timeout=240)
+    proc = train_job(tiny_llama, tmp_path / "w3", 3, "train.micro_batch_size=1", timeout=240)
     assert proc.returncode != 0
     assert "do not divide by 3" in proc.stderr
-    proc = _train(tiny_llama, tmp_path / "offload", 2, "model.cpu_offload=true", timeout=240)
+    proc = train_job(tiny_llama, tmp_path / "offload", 2, "model.cpu_offload=true", timeout=240)
     assert proc.returncode != 0 and "model.cpu_offload" in proc.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ pytest.importorskip("bitsandbytes")
 from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig, load_config  # noqa: E402
 from scalora_dist.model.loading import dequantized_weight, is_quantized_linear, load_model  # noqa: E402
 from scalora_dist.model.lora import inject_adapters, lora_layers  # noqa: E402
-from scalora_dist.scalora.math import accumulate_low_rank  # noqa: E402
+from scalora_dist.scalora.math import accumulate_low_rank, accumulator_grams, left_gram_for  # noqa: E402
 from scalora_dist.train import export, setup, train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +121,36 @@ def test_low_rank_accumulator_is_exact_until_full_then_best_rank_R():
         exact = previous + a.double() @ b.double().T
         s = torch.linalg.svdvals(exact)
         assert (exact - approx).norm().item() == pytest.approx(s[R:].square().sum().sqrt().item(), rel=1e-4, abs=1e-5)
+
+
+def test_accumulator_on_row_blocks_with_summed_grams_equals_the_whole_computation():
+    """What FSDP2 ranks do: each holds some rows of U, lora_B (and of V, lora_A^T), the
+    Grams are summed across ranks, and the blocks of the result are the whole result's."""
+    torch.manual_seed(1)
+    m, n, r, R = 37, 24, 3, 8  # uneven row split on purpose
+    U, V = torch.randn(m, R), torch.randn(n, R)
+    lora_A, lora_B = torch.randn(r, n), torch.randn(m, r)
+    coef = torch.rand(r, dtype=torch.float64) - 0.5
+    whole_U, whole_V, whole_dropped = accumulate_low_rank(U, V, lora_B * coef.float(), lora_A.T)
+    rows_m, rows_n = [(0, 20), (20, m)], [(0, 12), (12, n)]
+    partial = [
+        accumulator_grams(U[i:j], V[k:l], lora_A[:, k:l], lora_B[i:j])
+        for (i, j), (k, l) in zip(rows_m, rows_n)
+    ]
+    left_gram = left_gram_for(partial[0][0] + partial[1][0], coef)
+    right_gram = partial[0][1] + partial[1][1]
+    blocks = [
+        accumulate_low_rank(U[i:j], V[k:l], lora_B[i:j] * coef.float(), lora_A[:, k:l].T, left_gram, right_gram)
+        for (i, j), (k, l) in zip(rows_m, rows_n)
+    ]
+    got = torch.cat([b[0] for b in blocks]).double() @ torch.cat([b[1] for b in blocks]).double().T
+    dense = U.double() @ V.double().T + (lora_B.double() * coef) @ lora_A.double()
+    x, s, yh = torch.linalg.svd(dense)
+    best = (x[:, :R] * s[:R]) @ yh[:R]  # dense float64 reference: the truncated SVD
+    torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole_U.double() @ whole_V.double().T, best, rtol=1e-5, atol=1e-5)
+    assert blocks[0][2] == pytest.approx(s[R:].square().sum().sqrt().item(), rel=1e-6)
+    assert whole_dropped == pytest.approx(blocks[1][2], rel=1e-6)
 
 
 def test_naive_requantisation_loses_the_update_that_the_accumulator_keeps():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from scalora_dist.slurm import SbatchOptions, SlurmError, example_files, parse_job_id, render_sbatch
@@ -259,7 +257,6 @@ def test_localhost_rendezvous_on_two_nodes_fails_fast_with_a_clear_error(cluster
     check ends at the rendezvous join timeout with torchrun's RendezvousTimeoutError, long
     before the job's time limit."""
     _needs_netns(cluster)
-    prefix = cluster.client_cmd([])
     out = tmp_path / "run"
     common = ["configs/quickstart.yaml", f"model.path={tiny_llama}", f"output.dir={out}", *TINY,
               "--nodes", "2", "--gpus-per-node", "2", "--no-request-gpus", "--time", "00:03:00",

@@ -1,7 +1,9 @@
-"""Step time and peak memory of LoRA vs ScaLoRA (I = 1, I = 10), side by side in one run.
+"""Step time and memory of LoRA vs ScaLoRA (I = 1, I = 10) vs full fine-tuning, and of
+bf16 vs 4-bit (NF4) frozen bases, side by side in one run.
 
     python tools/bench_step.py                        # tiny Llama built on the fly, CPU
     python tools/bench_step.py --hidden-size 512 --num-layers 8 --steps 30
+    python tools/bench_step.py --variants lora-bf16,lora-nf4,scalora-bf16,scalora-nf4 --hidden-size 1024
 
 Timing: the variants live in one process and their steps are interleaved (lora, scalora,
 scalora-I10, lora, ...), so machine noise hits them alike; the table reports the median
@@ -28,6 +30,11 @@ VARIANTS = {
     "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
     "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
     "full": ["adapter.method=full"],
+    # frozen-base precision (bf16 compute on CPU too, so the two bases differ only in storage)
+    "lora-bf16": ["adapter.method=lora", "model.dtype=bfloat16"],
+    "lora-nf4": ["adapter.method=lora", "model.dtype=bfloat16", "model.load_in_4bit=true"],
+    "scalora-bf16": ["adapter.method=scalora", "model.dtype=bfloat16"],
+    "scalora-nf4": ["adapter.method=scalora", "model.dtype=bfloat16", "model.load_in_4bit=true"],
 }
 
 
@@ -50,7 +57,7 @@ def overrides_for(args: argparse.Namespace, variant: str, model_dir: Path, data:
         f"adapter.scalora.warmup_steps={args.warmup}",
         f"train.max_steps={args.warmup + args.steps}",
         f"train.micro_batch_size={args.batch_size}",
-        f"train.lr=1e-3",
+        "train.lr=1e-3",
         f"output.dir={model_dir.parent / 'out'}",
         *VARIANTS[variant],
     ]
@@ -83,12 +90,28 @@ def time_interleaved(args, variants, model_dir, data) -> dict[str, list[float]]:
     return interleave(runs, args.warmup, args.steps)
 
 
-def peak_rss_alone(variant: str, argv: list[str]) -> float:
+def training_state_mib(run) -> float:
+    """Bytes held by the model's parameters and buffers and the optimizer state (each
+    storage counted once): what the base precision and the method change, without the
+    interpreter's baseline that dominates RSS at small sizes."""
+    import torch
+
+    tensors = [*run.model.parameters(), *run.model.buffers()]
+    tensors += [v for state in run.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {}
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values()) / 2**20
+
+
+def measure_alone(variant: str, argv: list[str]) -> dict[str, float]:
+    """Peak RSS and training-state size of `variant` run alone in a fresh process."""
     out = subprocess.run(
         [sys.executable, __file__, *argv, "--only", variant],
         check=True, capture_output=True, text=True,
     ).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -128,7 +151,7 @@ def main() -> None:
             run = build_run(args, args.only, Path(model_dir), data)
             for step in range(args.warmup + args.steps):
                 train_step(run, step)
-            print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+            print(json.dumps({"peak_rss_mib": peak_rss_mib(), "state_mib": training_state_mib(run)}))
             return
 
         variants = args.variants.split(",")
@@ -139,17 +162,21 @@ def main() -> None:
         passthrough = [a for a in sys.argv[1:] if a != "--only"]
         if not args.model_dir:
             passthrough += ["--model-dir", str(model_dir)]
-        rss = {v: peak_rss_alone(v, passthrough) for v in variants}
+        alone = {v: measure_alone(v, passthrough) for v in variants}
 
     base = statistics.median(times[variants[0]])
     table = Table(title=f"step time, {args.steps} interleaved steps per variant, "
                   f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, "
                   f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads")
-    for col in ("variant", "median step (ms)", f"ratio to {variants[0]}", "peak RSS alone (MiB)"):
+    columns = ("variant", "median step (ms)", f"ratio to {variants[0]}", "tokens/s",
+               "weights + optimizer (MiB)", "peak RSS alone (MiB)")
+    for col in columns:
         table.add_column(col, justify="right")
+    tokens = args.batch_size * args.seq_len  # packed sequences: no padding
     for v in variants:
         med = statistics.median(times[v])
-        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{rss[v]:.0f}")
+        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{tokens / med:.0f}",
+                      f"{alone[v]['state_mib']:.1f}", f"{alone[v]['peak_rss_mib']:.0f}")
     Console().print(table)
 
 

@@ -105,9 +105,6 @@ def common_overrides(args, model_path: Path, train_file: Path, eval_file: Path) 
 
 def run_cached(args, name: str, overrides: list[str], log) -> Path:
     """Train (in-process) unless a finished run with exactly these overrides exists."""
-    from scalora_dist.config import load_config
-    from scalora_dist.train import train
-
     run_dir = Path(args.work_dir) / "runs" / f"{name}-{_hash(overrides)}"
     done = run_dir / "study_done.json"
     if done.is_file():
@@ -247,7 +244,7 @@ def base_eval_loss(args, base: Path, files: dict[str, Path]) -> float:
     from scalora_dist.train import evaluate, setup
 
     cfg = load_config(None, common_overrides(args, base, files["finetune_train"], files["finetune_eval"])
-                      + ["adapter.method=lora", f"train.max_steps=1", "output.dir=" + str(base.parent)])
+                      + ["adapter.method=lora", "train.max_steps=1", "output.dir=" + str(base.parent)])
     run = setup(cfg)  # lora_B = 0: the model is the base
     loss = evaluate(run.model, run.eval_loader, run.device)
     cache.write_text(json.dumps({"eval_loss": loss}))

@@ -45,8 +45,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for the 4-bit frozen base. Codes are packed into
-    bf16-typed storage so FSDP2 can shard them like any bf16 tensor (method.md §6)."""
+    """transformers' BitsAndBytesConfig for the 4-bit frozen base. The packed codes are
+    stored in a tensor of the model dtype, the dtype FSDP2's mixed-precision policy casts
+    parameters to: that cast is then a no-op, where any real cast would turn the codes into
+    random weights (method.md §6)."""
     try:
         import accelerate  # noqa: F401
         import bitsandbytes  # noqa: F401
@@ -62,7 +64,7 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.bfloat16,
+        bnb_4bit_quant_storage=dtype,
     )
 
 
@@ -71,27 +73,40 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
 
 
-def keep_cpu_layout_stable(model: nn.Module) -> None:
-    """bitsandbytes (0.50) repacks 4-bit codes into an AVX512-bf16 kernel layout at the first
-    CPU forward in eval mode; the repacked codes then give wrong outputs in training mode and
-    only approximately convert back. Training alternates eval and train, so keep the
-    portable layout."""
+def quant_state(linear: nn.Module):
+    """The bitsandbytes QuantState of a 4-bit layer. Kept on the module as well as on the
+    weight: FSDP2 replaces the weight by a plain sharded parameter, which has none."""
+    state = getattr(linear.weight, "quant_state", None)
+    return state if state is not None else linear.quant_state
+
+
+def prepare_quantized_layers(model: nn.Module) -> None:
+    """Make every 4-bit layer safe to shard and to switch between eval and train.
+
+    * The QuantState goes on the module (bitsandbytes' Linear4bit looks there when its
+      weight has lost it, as after FSDP2 swaps the parameter).
+    * bitsandbytes (0.50) repacks 4-bit codes into an AVX512-bf16 kernel layout at the first
+      CPU forward in eval mode; the repacked codes then give wrong outputs in training mode
+      and only approximately convert back. Training alternates eval and train, so keep the
+      portable layout."""
     for module in model.modules():
         if is_quantized_linear(module):
+            module.quant_state = quant_state(module)
             module.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()
-def dequantized_weight(linear: nn.Module) -> torch.Tensor:
-    """The float32 weight of a bitsandbytes 4-bit layer. On CPUs with AVX512-bf16,
-    bitsandbytes repacks the codes into a CPU kernel layout at the first inference forward;
-    undo that (as bitsandbytes' own state_dict does) before dequantising."""
+def dequantize(codes: torch.Tensor, state) -> torch.Tensor:
+    """Float32 weight from packed 4-bit codes (whole, not a shard) and their QuantState."""
     import bitsandbytes.functional as bnbf
 
-    data, state = linear.weight.data, linear.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-    return bnbf.dequantize_4bit(data, state).float()
+    return bnbf.dequantize_4bit(codes, state).float()
+
+
+@torch.no_grad()
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The float32 weight of a (not sharded) bitsandbytes 4-bit layer."""
+    return dequantize(linear.weight.data, quant_state(linear))
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
@@ -113,7 +128,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
         model.to(device)
     model.config.use_cache = False
     if cfg.load_in_4bit:
-        keep_cpu_layout_stable(model)
+        prepare_quantized_layers(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

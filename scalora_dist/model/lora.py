@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import AdapterConfig, ConfigError
-from scalora_dist.model.loading import dequantized_weight, is_quantized_linear
+from scalora_dist.model.loading import dequantize, is_quantized_linear, quant_state
 
 
 class LoRALinear(nn.Module):
@@ -51,11 +51,18 @@ class LoRALinear(nn.Module):
         self.full_A: torch.Tensor | None = None
         # A 4-bit base cannot absorb ScaLoRA's small merges (requantising leaves the codes
         # as they were), so the merged update lives in a float32 low-rank accumulator
-        # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank).
+        # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank). Frozen parameters,
+        # not buffers, so that FSDP2 shards them: acc_U's rows with the base's rows, acc_V's
+        # rows with lora_A's columns.
         self.quantized = is_quantized_linear(base)
+        self.quant_state = quant_state(base) if self.quantized else None
         if accumulator_rank:
-            self.register_buffer("acc_U", torch.zeros(base.out_features, accumulator_rank, device=device))
-            self.register_buffer("acc_V", torch.zeros(base.in_features, accumulator_rank, device=device))
+            self.acc_U = nn.Parameter(
+                torch.zeros(base.out_features, accumulator_rank, device=device), requires_grad=False
+            )
+            self.acc_V = nn.Parameter(
+                torch.zeros(base.in_features, accumulator_rank, device=device), requires_grad=False
+            )
         else:
             self.acc_U = self.acc_V = None
 
@@ -63,7 +70,7 @@ class LoRALinear(nn.Module):
         if self.capture_full_A:
             self.full_A = self.lora_A.detach().float().clone()
         if self.quantized:
-            y = self.base(x)  # bitsandbytes dequantises on the fly
+            y = self._quantized_base(x)
         else:
             bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
             y = F.linear(x, self.base.weight.to(x.dtype), bias)
@@ -71,6 +78,17 @@ class LoRALinear(nn.Module):
             y = y + F.linear(F.linear(x, self.acc_V.T.to(x.dtype)), self.acc_U.to(x.dtype))
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scale
+
+    def _quantized_base(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' 4-bit matmul with the QuantState we hold: under FSDP2 the weight
+        seen here is the all-gathered plain tensor of packed codes, which carries none."""
+        import bitsandbytes as bnb
+
+        compute = self.base.compute_dtype or x.dtype
+        y = bnb.matmul_4bit(x.to(compute), self.base.weight, quant_state=self.quant_state)
+        if self.base.bias is not None:
+            y = y + self.base.bias.to(compute)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -81,7 +99,7 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as float32: dequantised 4-bit codes plus the accumulator."""
         if self.quantized:
-            w = dequantized_weight(self.base)
+            w = dequantize(self.base.weight.data, self.quant_state)
         else:
             w = self.base.weight.float()
         if self.acc_U is not None:

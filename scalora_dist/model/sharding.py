@@ -4,6 +4,10 @@ rows of every weight straight from the safetensors files.
 No rank ever materialises the full model: parameters are created on `meta`, sharded by
 `fully_shard`, allocated shard-sized with `to_empty`, and filled by reading just the local
 slice of each tensor from the checkpoint (safetensors slices are memory-mapped reads).
+
+4-bit bases are the exception: bitsandbytes quantises while transformers loads, so each
+rank loads the whole 4-bit model (a quarter of the bf16 bytes) and then shards it, or keeps
+the codes whole (`model.quant_placement: replicated`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig
-from scalora_dist.model.loading import check_model_dir, model_dtype
+from scalora_dist.model.loading import check_model_dir, is_quantized_linear, load_model, model_dtype
 from scalora_dist.model.lora import LoRALinear, initial_lora_A, inject_adapters
 
 
@@ -55,18 +59,29 @@ def lora_A_on_dim1(model: nn.Module, world_size: int):
     return lambda param: Shard(1) if id(param) in lora_A_ids else None
 
 
+def mixed_precision_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """Compute in `param_dtype` (None: the parameters' own dtype), reduce gradients in float32.
+    4-bit codes are stored in the model dtype (loading.quantization_config), so this cast
+    leaves them bit-for-bit intact."""
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh: DeviceMesh,
     *,
     param_dtype: torch.dtype | None,
     cpu_offload: bool = False,
+    ignored_params: set[nn.Parameter] | None = None,
 ) -> None:
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if cpu_offload else None
-    kwargs = dict(mesh=mesh, mp_policy=mp, shard_placement_fn=lora_A_on_dim1(model, mesh.size()))
-    if offload is not None:
-        kwargs["offload_policy"] = offload
+    kwargs = dict(
+        mesh=mesh, mp_policy=mixed_precision_policy(param_dtype),
+        shard_placement_fn=lora_A_on_dim1(model, mesh.size()),
+    )
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if ignored_params:
+        kwargs["ignored_params"] = ignored_params
     for block in decoder_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -78,6 +93,12 @@ def apply_fsdp(
             module.set_force_sum_reduction_for_comms(True)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """FSDP2's param_dtype for a model of `dtype`: float32 masters (targeted weights,
+    factors) stay sharded in float32 and are cast to the model dtype for compute."""
+    return None if dtype == torch.float32 else dtype
+
+
 def build_sharded_model(
     model_cfg: ModelConfig,
     adapter_cfg: AdapterConfig,
@@ -87,16 +108,13 @@ def build_sharded_model(
     cpu_offload: bool = False,
 ) -> nn.Module:
     model_dir = check_model_dir(model_cfg.path)
-    if model_cfg.load_in_4bit:
-        raise ConfigError(
-            "model.load_in_4bit: 4-bit bases run in one process for now (the QLoRA-style "
-            "single-GPU mode); FSDP2-sharded 4-bit bases are not supported yet"
-        )
     if cpu_offload and device.type == "cpu":
         raise ConfigError(
             "model.cpu_offload: moves sharded state from the GPU to host memory, but this run "
             "has no GPU (its state is in host memory already)"
         )
+    if model_cfg.load_in_4bit:
+        return build_sharded_quantized_model(model_cfg, adapter_cfg, device, seed=seed, cpu_offload=cpu_offload)
     dtype = model_dtype(model_cfg, device)
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -106,14 +124,35 @@ def build_sharded_model(
     model.config.use_cache = False
     inject_adapters(model, adapter_cfg, seed=seed)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    # Compute in the model dtype; float32 masters (targeted weights, factors) stay sharded.
-    param_dtype = None if dtype == torch.float32 else dtype
-    apply_fsdp(model, mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    apply_fsdp(model, mesh, param_dtype=compute_dtype(dtype), cpu_offload=cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)
     _init_non_persistent_buffers(model, device)
     load_local_shards(model, model_dir, seed=seed)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_sharded_quantized_model(
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    device: torch.device,
+    *,
+    seed: int,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """A 4-bit base under FSDP2. Placement `sharded`: the packed codes are sharded on dim 0
+    like any parameter and all-gathered per block (their QuantState stays on the module,
+    whole on every rank). `replicated`: the codes are FSDP2 ignored_params, kept whole on
+    every rank, and only adapters, accumulators and unquantised parameters are sharded."""
+    model = load_model(model_cfg, device)  # quantised while loading, whole on every rank
+    inject_adapters(model, adapter_cfg, seed=seed)
+    codes = {m.weight for m in model.modules() if is_quantized_linear(m)}
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    apply_fsdp(
+        model, mesh, param_dtype=compute_dtype(model_dtype(model_cfg, device)), cpu_offload=cpu_offload,
+        ignored_params=codes if model_cfg.quant_placement == "replicated" else None,
+    )
     return model
 
 

@@ -189,34 +189,67 @@ def rescale_adam_moments_(
     _scale_columns_(exp_avg_sq_B, scales.beta.square())
 
 
-def increment_factors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, scales: Scales
+def accumulator_grams(
+    acc_U: torch.Tensor, acc_V: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merge increment s * lora_B diag(1 - alpha*beta) lora_A as a product a @ b.T with
-    a (m, r) and b (n, r), float32: what a base that cannot absorb it (4-bit codes) hands
-    to its accumulator instead."""
-    coef = (1.0 - scales.alpha * scales.beta).to(device=lora_B.device, dtype=torch.float32)
-    return lora_B.float() * (scale * coef), lora_A.float().T
+    """Partial Grams [U, lora_B]^T [U, lora_B] and [V, lora_A^T]^T [V, lora_A^T], (R+r)^2
+    float64, over this rank's rows of (acc_U, lora_B) and of (acc_V, lora_A^T). They depend
+    only on tensors known before the solve, so they travel in the same all-reduce as the
+    scaling statistics; the merge coefficients are applied afterwards (left_gram_for)."""
+    left = torch.cat([acc_U, lora_B], dim=1).to(torch.float64)
+    right = torch.cat([acc_V, lora_A.T], dim=1).to(torch.float64)
+    return left.T @ left, right.T @ right
+
+
+def left_gram_for(gram: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The Gram of [U, lora_B diag(coef)] from that of [U, lora_B]."""
+    R = gram.shape[0] - coef.numel()
+    d = torch.cat([torch.ones(R, dtype=gram.dtype, device=gram.device), coef.to(gram)])
+    return gram * d[:, None] * d[None, :]
+
+
+def _range_from_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For X with X^T X = gram: (M, T) with X M orthonormal and X = (X M) T, dropping the
+    directions X does not span (eigenvalues at float64 round-off of the largest)."""
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    keep = eigvals > eigvals[-1].clamp(min=0) * gram.shape[0] * 1e-14
+    vals, vecs = eigvals[keep], eigvecs[:, keep]
+    return vecs / vals.sqrt(), vals.sqrt()[:, None] * vecs.T
 
 
 def accumulate_low_rank(
-    U: torch.Tensor, V: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    U: torch.Tensor,
+    V: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    left_gram: torch.Tensor | None = None,
+    right_gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-R approximation (Eckart-Young) of U V^T + a b^T, returned as (U', V') of the
     same shapes as (U, V) (R columns), plus the Frobenius norm of what was dropped.
 
-    QR of the stacked factors and an SVD of the small (R+r) core: O((m+n)(R+r)^2), never an
-    m x n matrix. Computed in float64; U' carries the singular values."""
+    Works on row blocks: U, a may be any rows of the left factors and V, b any rows of the
+    right ones, given the Grams of the WHOLE stacked factors [U, a] and [V, b] (summed over
+    ranks); without them the blocks are taken to be whole. Orthonormal bases come from the
+    Grams' eigendecompositions and the small (R+r) core is SVD'd, so the cost is
+    O((m+n)(R+r)^2), no m x n matrix and no extra collective. Float64; U' carries the
+    singular values."""
     R = U.shape[1]
     left = torch.cat([U, a], dim=1).double()
     right = torch.cat([V, b], dim=1).double()
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right)
-    x, s, yh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
-    dropped = s[R:].square().sum().sqrt().item()
-    k = min(R, s.numel())  # R may exceed min(m, n): the extra columns stay zero
+    if left_gram is None:
+        left_gram = left.T @ left
+    if right_gram is None:
+        right_gram = right.T @ right
+    to_left_basis, left_coords = _range_from_gram(left_gram.double())
+    to_right_basis, right_coords = _range_from_gram(right_gram.double())
     new_U = torch.zeros_like(U, dtype=torch.float64)
     new_V = torch.zeros_like(V, dtype=torch.float64)
-    new_U[:, :k] = (q_left @ x[:, :k]) * s[:k]
-    new_V[:, :k] = q_right @ yh[:k].T
+    if left_coords.numel() == 0 or right_coords.numel() == 0:
+        return new_U.to(U.dtype), new_V.to(V.dtype), 0.0
+    x, s, yh = torch.linalg.svd(left_coords @ right_coords.T, full_matrices=False)
+    dropped = s[R:].square().sum().sqrt().item()
+    k = min(R, s.numel())  # R may exceed the rank available: the extra columns stay zero
+    new_U[:, :k] = left @ (to_left_basis @ (x[:, :k] * s[:k]))
+    new_V[:, :k] = right @ (to_right_basis @ yh[:k].T)
     return new_U.to(U.dtype), new_V.to(V.dtype), dropped

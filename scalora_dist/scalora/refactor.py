@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import ScaLoRAConfig
 from scalora_dist.model.lora import LoRALinear
+from scalora_dist.optim import adam_moments
 from scalora_dist.scalora import math as sm
 
 
@@ -78,7 +79,8 @@ class ScaLoRA:
         copy of the full lora_A that FSDP2 gathers for the forward (the merge needs it)."""
         due = self.is_due(step)
         for layer in self.layers:
-            layer.capture_full_A = due and isinstance(layer.lora_A, DTensor)
+            # a 4-bit layer's accumulator works on its own shards of lora_A: no capture needed
+            layer.capture_full_A = due and isinstance(layer.lora_A, DTensor) and layer.acc_U is None
             layer.full_A = None
 
     def state_dict(self) -> dict:
@@ -90,19 +92,18 @@ class ScaLoRA:
     @torch.no_grad()
     def refactor(self) -> RefactorReport:
         layers = [l for l in self.layers if l.lora_A.grad is not None and l.lora_B.grad is not None]
-        # Partial statistics over this rank's rows of lora_B and columns of lora_A.
-        grams = [
-            sm.lora_grams(_local(l.lora_A), _local(l.lora_A.grad), _local(l.lora_B), _local(l.lora_B.grad), l.scale)
-            for l in layers
-        ]
+        # Partial statistics over this rank's rows of lora_B and columns of lora_A (and, for
+        # 4-bit layers, the Grams that re-compress the accumulator).
+        stats = [self._layer_statistics(l) for l in layers]
         report = RefactorReport()
-        if grams and self.all_reduce is not None:
-            # All layers' (2r x 2r) statistics travel in one flat buffer: one collective per step.
-            flat = torch.cat([torch.cat([p.flatten(), q.flatten()]) for p, q in grams])
+        if stats and self.all_reduce is not None:
+            # All layers' small matrices travel in one flat buffer: one collective per step.
+            flat = torch.cat([t.flatten() for layer_stats in stats for t in layer_stats])
             self.all_reduce(flat)
             report.reduced_bytes = flat.numel() * flat.element_size()
             report.collectives = 1
-            grams = _unflatten(flat, [l.rank for l in layers])
+            stats = _unflatten(flat, stats)
+        grams = [(P, Q) for P, Q, *_ in stats]
         if self.kappa is None:
             self.kappa = auto_kappa(grams)
             if self.kappa is None:  # adapters still all zero: nothing to scale yet
@@ -112,7 +113,7 @@ class ScaLoRA:
         report.kappa = kappa
         report.skipped = len(self.layers) - len(layers)
         alphas, betas = [], []
-        for layer, (P, Q) in zip(layers, grams):
+        for layer, (P, Q, *acc_grams) in zip(layers, stats):
             scales = sm.solve_scales(P, Q, kappa)
             if scales.kind == sm.SKIPPED:
                 report.skipped += 1
@@ -121,7 +122,7 @@ class ScaLoRA:
                 report.column += 1
             else:
                 report.scalar += 1
-            report.gathered_bytes += self._rewrite(layer, scales)
+            report.gathered_bytes += self._rewrite(layer, scales, acc_grams)
             alphas.append(scales.alpha)
             betas.append(scales.beta)
         if alphas:
@@ -129,28 +130,45 @@ class ScaLoRA:
             report.mean_beta = torch.cat(betas).mean().item()
         return report
 
-    @torch.no_grad()
-    def _rewrite(self, layer: LoRALinear, scales: sm.Scales) -> int:
-        """Merge into this rank's rows of the base, rescale the local shards of factors,
-        gradients and AdamW moments. Returns the bytes gathered (0 normally)."""
-        full_A, gathered = _full_lora_A(layer)
+    @staticmethod
+    def _layer_statistics(layer: LoRALinear) -> list[torch.Tensor]:
+        A, B = _local(layer.lora_A), _local(layer.lora_B)
+        stats = list(sm.lora_grams(A, _local(layer.lora_A.grad), B, _local(layer.lora_B.grad), layer.scale))
         if layer.acc_U is not None:
-            a, b = sm.increment_factors(full_A, _local(layer.lora_B), layer.scale, scales)
-            U, V, _ = sm.accumulate_low_rank(layer.acc_U, layer.acc_V, a, b)
-            layer.acc_U.copy_(U)
-            layer.acc_V.copy_(V)
+            stats += sm.accumulator_grams(_local(layer.acc_U), _local(layer.acc_V), A, B)
+        return stats
+
+    @torch.no_grad()
+    def _rewrite(self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = ()) -> int:
+        """Merge into this rank's rows of the base (or its accumulator), rescale the local
+        shards of factors, gradients and AdamW moments. Returns the bytes gathered (0 normally).
+        `acc_grams`: the accumulator's reduced Grams (default: this process's own)."""
+        gathered = 0
+        if layer.acc_U is not None:
+            acc_grams = acc_grams or self._layer_statistics(layer)[2:]
+            # 4-bit base: the increment s * lora_B diag(1 - alpha*beta) lora_A goes into the
+            # accumulator, whose rows (of acc_U, of acc_V) are sharded like lora_B's rows and
+            # lora_A's columns; the Grams of the whole factors came with the statistics.
+            coef = layer.scale * (1.0 - scales.alpha * scales.beta)
+            U, V, A, B = (_local(t) for t in (layer.acc_U, layer.acc_V, layer.lora_A, layer.lora_B))
+            new_U, new_V, _ = sm.accumulate_low_rank(
+                U, V, B.double() * coef.to(B.device), A.double().T,
+                left_gram=sm.left_gram_for(acc_grams[0], coef), right_gram=acc_grams[1],
+            )
+            U.copy_(new_U)
+            V.copy_(new_V)
         else:
+            full_A, gathered = _full_lora_A(layer)
             sm.merge_increment_(_local(layer.base.weight), full_A, _local(layer.lora_B), layer.scale, scales)
         sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
         sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
-        state_A = self.optimizer.state.get(layer.lora_A, {})
-        state_B = self.optimizer.state.get(layer.lora_B, {})
-        if "exp_avg" in state_A and "exp_avg" in state_B:
-            sm.rescale_adam_moments_(
-                _local(state_A["exp_avg"]), _local(state_A["exp_avg_sq"]),
-                _local(state_B["exp_avg"]), _local(state_B["exp_avg_sq"]),
-                scales,
-            )
+        with (
+            adam_moments(self.optimizer, layer.lora_A) as moments_A,
+            adam_moments(self.optimizer, layer.lora_B) as moments_B,
+        ):
+            if moments_A is not None and moments_B is not None:
+                (m_A, v_A), (m_B, v_B) = moments_A, moments_B
+                sm.rescale_adam_moments_(_local(m_A), _local(v_A), _local(m_B), _local(v_B), scales)
         layer.full_A = None
         return gathered
 
@@ -179,12 +197,13 @@ def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
     return kappa if math.isfinite(kappa) and kappa > 0 else None
 
 
-def _unflatten(flat: torch.Tensor, ranks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _unflatten(flat: torch.Tensor, like: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Views of `flat` with the shapes of `like` (the per-layer statistics it was built from)."""
     out, offset = [], 0
-    for r in ranks:
-        n = (2 * r) ** 2
-        P = flat[offset : offset + n].view(2 * r, 2 * r)
-        Q = flat[offset + n : offset + 2 * n].view(2 * r, 2 * r)
-        out.append((P, Q))
-        offset += 2 * n
+    for layer_stats in like:
+        views = []
+        for t in layer_stats:
+            views.append(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        out.append(views)
     return out

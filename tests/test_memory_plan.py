@@ -1,0 +1,163 @@
+"""tools/memory_plan.py: the computed per-rank plan against real tiny layers, its sharding
+arithmetic, and the script end to end (seconds, CPU)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import memory_plan as mp  # noqa: E402
+
+GiB = 1024**3
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+def test_computed_layer_bytes_match_a_real_tiny_layer(arch):
+    shape = mp.tiny_shape(arch)
+    rank = 4
+    m = mp.measure(shape, rank, "adamw", layers=1, lengths=(16, 32, 48))
+    # weights: the real layer's parameters in bf16, and bitsandbytes' own NF4 tensors
+    assert m.bf16_param_bytes == mp.layer_bf16_bytes(shape)
+    assert m.nf4_bytes == pytest.approx(mp.layer_nf4_bytes(shape), rel=0.02)
+    assert m.nf4_bytes < 0.5 * m.bf16_param_bytes  # sanity: 4-bit codes really are small
+    # trainable state: our injected adapters, their gradients, torch AdamW after one step
+    assert m.adapter_param_bytes == mp.adapter_params(shape, rank) * 4
+    assert m.adapter_grad_bytes == mp.adapter_params(shape, rank) * 4
+    assert m.optimizer_bytes == mp.optimizer_bytes("adamw", mp.adapter_tensor_sizes(shape, rank))
+    # activations: the structural count is what the real layer saves, and SDPA stores no s x s matrix
+    formula = mp.formula_layer_activations(shape, rank)
+    assert m.activations.per_token == pytest.approx(formula.per_token, abs=1e-6)
+    assert m.activations.constant == pytest.approx(formula.constant, abs=1e-3)
+    assert m.activations.per_token_sq == pytest.approx(0.0, abs=1e-6)
+    # ScaLoRA on a bf16 model in one process keeps a bf16 copy of every float32 master
+    assert m.scalora_extra_saved == shape.projection_params() * 2
+    assert m.loss_head_saved_per_token == pytest.approx(4 * shape.vocab + 8, rel=0.01)
+
+
+def test_adamw8bit_bytes_match_bitsandbytes():
+    # rank 64 on the tiny shape makes lora_A 64 x 64 = 4096 elements (8-bit state) and the
+    # k/v lora_B 32 x 64 (below min_8bit_size: float32 state): both branches of the formula.
+    shape = mp.tiny_shape("mistral")
+    sizes = mp.adapter_tensor_sizes(shape, 64)
+    assert min(sizes) < mp.ADAM8BIT_MIN_SIZE <= max(sizes)
+    m = mp.measure(shape, 64, "adamw8bit", layers=1, lengths=(16,))
+    assert m.optimizer_bytes == mp.optimizer_bytes("adamw8bit", sizes)
+    assert m.optimizer_bytes < mp.optimizer_bytes("adamw", sizes) / 2
+
+
+def test_measuring_several_layers_gives_the_same_per_layer_figures():
+    shape = mp.tiny_shape("gemma3")
+    one = mp.measure(shape, 4, "adamw", layers=1, lengths=(16, 32))
+    two = mp.measure(shape, 4, "adamw", layers=2, lengths=(16, 32))
+    assert two.bf16_param_bytes == one.bf16_param_bytes
+    assert two.adapter_grad_bytes == one.adapter_grad_bytes
+    assert two.activations.per_token == pytest.approx(one.activations.per_token)
+
+
+def _rows(**kw):
+    return {(r.base, r.method, r.gpus, r.placement): r for r in mp.plan(mp.SHAPES["gemma3-12b"], **kw)}
+
+
+def test_plan_has_every_configuration():
+    rows = _rows()
+    assert len(rows) == 16
+    for method in ("lora", "scalora"):
+        for gpus in (1, 8, 64):
+            assert ("bf16", method, gpus, "-") in rows
+        assert ("nf4", method, 1, "-") in rows
+        for gpus in (8, 64):
+            assert {("nf4", method, gpus, p) for p in ("sharded", "replicated")} <= rows.keys()
+
+
+def test_sharded_state_divides_by_gpus():
+    rows = _rows()
+    for base, placement in (("bf16", "-"), ("nf4", "sharded"), ("nf4", "replicated")):
+        for method in ("lora", "scalora"):
+            one = rows[(base, method, 1, "-")]
+            by_gpus = {g: rows[(base, method, g, placement)] for g in (8, 64)}
+            assert one.total > by_gpus[8].total > by_gpus[64].total
+            for g, row in by_gpus.items():
+                assert row.adapter_params == pytest.approx(one.adapter_params / g)
+                assert row.adapter_grads == pytest.approx(one.adapter_grads / g)
+                assert row.optimizer < one.optimizer / g * 1.01  # + a few step scalars per rank
+                assert row.activations == one.activations  # data parallel: each rank its own batch
+                assert row.working_set > 0 and one.working_set == 0
+            if base == "bf16":
+                assert by_gpus[64].frozen_base == pytest.approx(one.frozen_base / 64)
+
+
+def test_replicated_codes_stay_whole_and_sharded_codes_do_not():
+    shape = mp.SHAPES["gemma3-12b"]
+    weights = shape.layers * sum(m * n for m, n in shape.projections().values())
+    whole_codes = weights / 2  # 4 bits each
+    whole_scales = weights / 64  # one 8-bit scale per 64-weight block: the QuantState stays whole
+    rows = _rows()
+    for method in ("lora", "scalora"):
+        for gpus in (8, 64):
+            replicated = rows[("nf4", method, gpus, "replicated")]
+            sharded = rows[("nf4", method, gpus, "sharded")]
+            assert replicated.frozen_base > whole_codes
+            assert whole_scales < sharded.frozen_base < whole_codes / 4
+            assert replicated.working_set < sharded.working_set  # ignored codes are never gathered
+
+
+def test_gemma3_12b_totals_agree_with_the_readme_figures():
+    # README "4-bit frozen bases": a Gemma-3-12B-shaped decoder is 20.0 GiB bf16, 5.2 GiB NF4,
+    # +0.98 GiB for R = 64 accumulators (tools/bench_quant.py); the embedding is 262144 x 3840.
+    rows = _rows()
+    embedding = 262144 * 3840 * 2 / GiB
+    assert rows[("bf16", "lora", 1, "-")].frozen_base / GiB - embedding == pytest.approx(20.0, abs=0.05)
+    assert rows[("bf16", "scalora", 1, "-")].frozen_base / GiB - embedding == pytest.approx(40.0, abs=0.1)
+    assert rows[("nf4", "lora", 1, "-")].frozen_base / GiB - embedding == pytest.approx(5.2, abs=0.05)
+    assert rows[("nf4", "scalora", 8, "sharded")].scalora_extra * 8 / GiB == pytest.approx(0.98, abs=0.01)
+
+
+def test_checkpointing_and_the_loss_head_in_activations():
+    shape = mp.SHAPES["gemma3-12b"]
+    layer = mp.formula_layer_activations(shape, 16)
+    on = mp.activations(shape, layer, 1, 2048, checkpointing=True)
+    off = mp.activations(shape, layer, 1, 2048, checkpointing=False)
+    logits = 2048 * 262144
+    assert on.loss_head == 14 * logits
+    assert off.peak > shape.layers * layer.saved(1, 2048) > on.peak > on.loss_head
+    # without checkpointing, ScaLoRA on one GPU keeps bf16 copies of all float32 masters
+    no_ckpt = _rows(checkpointing=False)
+    assert no_ckpt[("bf16", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(20.0, abs=0.05)
+    assert _rows()[("bf16", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(20.0 / 48, abs=0.01)
+    # ... and on a 4-bit base, bf16 copies of the float32 accumulators (0.98 GiB at R = 64)
+    assert no_ckpt[("nf4", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(0.98 * 1.5, abs=0.02)
+
+
+def test_script_runs_on_the_tiny_shape_and_prints_both_tables():
+    out = subprocess.run([sys.executable, "tools/memory_plan.py", "--tiny"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert text.startswith("<!-- ") and "command: python tools/memory_plan.py --tiny" in text
+    assert "## Memory plan per rank (MiB, computed): tiny-gemma3" in text
+    assert "## Measured vs computed, per decoder layer" in text
+    plan_rows = [line for line in text.splitlines() if re.match(r"\| (bf16|nf4) \| (lora|scalora) \|", line)]
+    assert len(plan_rows) == 16
+    measured = text.split("## Measured vs computed")[1]
+    ratios = [float(x) for x in re.findall(r"\| (\d+\.\d{4}) \|$", measured, flags=re.M)]
+    assert len(ratios) >= 9 and all(0.98 <= r <= 1.02 for r in ratios)
+
+
+def test_8bit_optimizer_applies_to_one_gpu_and_fsdp2_rows_use_adamw():
+    # bitsandbytes optimizers run in one process only (scalora_dist/optim.py); under FSDP2
+    # the float32 AdamW state is sharded instead.
+    adamw, bnb8 = _rows(), _rows(optimizer="adamw8bit")
+    one = ("nf4", "scalora", 1, "-")
+    assert bnb8[one].optimizer < adamw[one].optimizer / 3.5  # 2 bytes + scales vs 8 bytes per element
+    for key in adamw:
+        if key[2] > 1:
+            assert bnb8[key].optimizer == adamw[key].optimizer

@@ -1,0 +1,62 @@
+"""The benchmark tools run end to end on a tiny setting (their code paths, not their numbers:
+performance is measured by running the tools themselves, never by timed tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+TINY_MODEL = ["--hidden-size", "64", "--num-layers", "1", "--steps", "1", "--warmup", "1",
+              "--batch-size", "2", "--seq-len", "16"]
+
+
+def _tool(*args: str, timeout: int = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for each body row of a rich table."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│┃").split("│")]
+        if len(cells) > 2 and cells[0] and cells[1].replace(".", "", 1).isdigit():
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_bench_step_compares_methods_and_base_precisions():
+    pytest.importorskip("bitsandbytes")
+    variants = ["lora", "scalora", "full", "lora-nf4", "scalora-nf4"]
+    rows = _rows(_tool("tools/bench_step.py", *TINY_MODEL, "--variants", ",".join(variants)))
+    assert list(rows) == variants
+    assert rows["lora"][1] == "1.000"  # the ratio column is relative to the first variant
+    state = {v: float(cells[3]) for v, cells in rows.items()}
+    # the 4-bit base stores its projections in a quarter of the bytes... but this model is
+    # mostly embedding; it must still be smaller, and ScaLoRA's accumulators must show
+    assert state["lora-nf4"] < state["lora"] and state["scalora-nf4"] > state["lora-nf4"]
+    assert state["full"] > state["lora"]  # AdamW moments of every targeted weight
+
+
+@pytest.mark.slow
+def test_bench_distributed_runs_on_1_and_2_ranks():
+    out = _tool("tools/bench_distributed.py", "--ranks", "1,2", "--skip-load", "--skip-alone",
+                *TINY_MODEL, "--variants", "lora,scalora")
+    assert "ScaLoRA" in out or "scalora" in out
+    assert "2" in _rows(out) and "1" in _rows(out)
+
+
+def test_bench_quant_fidelity_table():
+    pytest.importorskip("bitsandbytes")
+    out = _tool("tools/bench_quant.py", "--size", "64", "--rank", "2", "--steps", "3",
+                "--acc-ranks", "8", "--skip-real")
+    assert "naive requantisation" in out and "R=8" in out
