@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from scalora_dist.config import AdapterConfig, ConfigError, ScaLoRAConfig
-from scalora_dist.model.lora import LoRALinear, find_target_linears, inject_adapters, lora_layers
+from scalora_dist.model.lora import LoRALinear, find_target_linears, frozen_linear, inject_adapters, lora_layers
 from scalora_dist.scalora import math as sm
 from scalora_dist.scalora.refactor import ScaLoRA
 
@@ -171,3 +171,23 @@ def test_layer_forward_matches_dense_weight():
     x = torch.randn(5, 12)
     dense = torch.nn.functional.linear(x, base.weight + layer.delta_weight(), base.bias)
     torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_float32_weight_under_bf16_compute_saves_no_cast_copy():
+    """The forward casts a float32 master to bf16; the backward must get the same input
+    gradient as F.linear on that cast, while keeping only the master alive."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    x = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = frozen_linear(x, weight, bias)
+    assert [t.untyped_storage().data_ptr() for t in saved] == [weight.untyped_storage().data_ptr()]
+    grad_out = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, grad_out)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+    (grad_ref,) = torch.autograd.grad(y_ref, x_ref, grad_out)
+    assert torch.equal(y, y_ref) and torch.equal(grad_x, grad_ref)
+    # float64 reference of the math itself
+    torch.testing.assert_close(grad_x.double(), grad_out.double() @ weight.double(), rtol=2e-2, atol=2e-2)

@@ -38,8 +38,9 @@ def test_computed_layer_bytes_match_a_real_tiny_layer(arch):
     assert m.activations.per_token == pytest.approx(formula.per_token, abs=1e-6)
     assert m.activations.constant == pytest.approx(formula.constant, abs=1e-3)
     assert m.activations.per_token_sq == pytest.approx(0.0, abs=1e-6)
-    # ScaLoRA on a bf16 model in one process keeps a bf16 copy of every float32 master
-    assert m.scalora_extra_saved == shape.projection_params() * 2
+    # ScaLoRA on a bf16 model in one process keeps no bf16 copy of its float32 masters
+    # (F.linear on the cast would save one: projection_params() * 2 bytes)
+    assert m.scalora_extra_saved == 0
     assert m.loss_head_saved_per_token == pytest.approx(4 * shape.vocab + 8, rel=0.01)
 
 
@@ -129,12 +130,11 @@ def test_checkpointing_and_the_loss_head_in_activations():
     logits = 2048 * 262144
     assert on.loss_head == 14 * logits
     assert off.peak > shape.layers * layer.saved(1, 2048) > on.peak > on.loss_head
-    # without checkpointing, ScaLoRA on one GPU keeps bf16 copies of all float32 masters
+    # ScaLoRA on one GPU saves no bf16 copies of its float32 masters, with or without
+    # checkpointing; on a 4-bit base it holds its float32 accumulators (0.98 GiB at R = 64)
     no_ckpt = _rows(checkpointing=False)
-    assert no_ckpt[("bf16", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(20.0, abs=0.05)
-    assert _rows()[("bf16", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(20.0 / 48, abs=0.01)
-    # ... and on a 4-bit base, bf16 copies of the float32 accumulators (0.98 GiB at R = 64)
-    assert no_ckpt[("nf4", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(0.98 * 1.5, abs=0.02)
+    assert no_ckpt[("bf16", "scalora", 1, "-")].scalora_extra == _rows()[("bf16", "scalora", 1, "-")].scalora_extra == 0
+    assert no_ckpt[("nf4", "scalora", 1, "-")].scalora_extra / GiB == pytest.approx(0.98, abs=0.02)
 
 
 def test_script_runs_on_the_tiny_shape_and_prints_both_tables():
@@ -149,7 +149,8 @@ def test_script_runs_on_the_tiny_shape_and_prints_both_tables():
     assert len(plan_rows) == 16
     measured = text.split("## Measured vs computed")[1]
     ratios = [float(x) for x in re.findall(r"\| (\d+\.\d{4}) \|$", measured, flags=re.M)]
-    assert len(ratios) >= 9 and all(0.98 <= r <= 1.02 for r in ratios)
+    assert len(ratios) >= 8 and all(0.98 <= r <= 1.02 for r in ratios)
+    assert re.search(r"no bf16 copies\) \| 0\.0 \| 0\.0 \|", measured)  # computed 0, measured 0
 
 
 def test_8bit_optimizer_applies_to_one_gpu_and_fsdp2_rows_use_adamw():

@@ -304,18 +304,14 @@ def scalora_extra_bytes(shape: Shape, base: str, rank: int, acc_rank: int, gpus:
 
     nf4: the float32 accumulators (sharded). bf16 on several GPUs: each layer keeps a float32
     copy of the full lora_A that FSDP2 gathered for the forward (the merge needs it; not
-    sharded). On one GPU nothing is gathered in bf16, so the forward casts the float32
-    masters (bf16 base) or accumulators (nf4) to the bf16 compute dtype, and the matmul saves
-    that new tensor for the backward: one layer's worth with checkpointing, all without."""
-    layers_alive = 1 if checkpointing else shape.layers
+    sharded). On one GPU nothing more: the forward casts the float32 masters (bf16 base) or
+    accumulators (nf4) to the bf16 compute dtype, but lora.frozen_linear saves the float32
+    tensor itself for the backward, not the cast copy (`checkpointing` does not matter)."""
     if base == "nf4":
-        extra = shape.layers * accumulator_bytes(shape, acc_rank) / gpus
-        if gpus == 1:
-            extra += layers_alive * accumulator_bytes(shape, acc_rank) / FP32 * BF16
-        return extra
+        return shape.layers * accumulator_bytes(shape, acc_rank) / gpus
     if gpus > 1:
         return shape.layers * sum(rank * n * FP32 for _, n in shape.projections().values())
-    return layers_alive * shape.projection_params() * BF16
+    return 0.0
 
 
 def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank: int, gpus: int,
@@ -522,8 +518,9 @@ def loss_head_saved_per_token(vocab: int, b: int, s: int) -> float:
 
 def scalora_extra_saved(shape: Shape, rank: int, layers: int, b: int, s: int, lora_saved: float) -> float:
     """Per layer, what ScaLoRA saves for the backward beyond LoRA on a bf16 model in one
-    process: inject_adapters makes the targeted weights float32 masters, and the forward's
-    cast to the bf16 compute dtype is a new tensor that the matmul keeps."""
+    process: inject_adapters makes the targeted weights float32 masters, which the forward
+    casts to the bf16 compute dtype; lora.frozen_linear keeps the master, not the cast copy,
+    so this should be 0."""
     from scalora_dist.config import AdapterConfig
     from scalora_dist.model.lora import inject_adapters
 
@@ -639,8 +636,8 @@ def measured_table(shape: Shape, rank: int, optimizer: str, m: LayerMeasurement)
         ("saved for backward, per token x token (s x s attention)", formula.per_token_sq,
          m.activations.per_token_sq),
         ("loss head saved for backward, per token (float32 log-softmax)", loss_saved, m.loss_head_saved_per_token),
-        ("ScaLoRA, bf16 model, one process: saved beyond LoRA (bf16 copies of the float32 masters)",
-         shape.projection_params() * BF16, m.scalora_extra_saved),
+        ("ScaLoRA, bf16 model, one process: saved beyond LoRA (frozen_linear keeps the float32 masters, "
+         "no bf16 copies)", 0.0, m.scalora_extra_saved),
     ]
     body = []
     for label, computed, measured in rows:
@@ -743,9 +740,8 @@ def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB,
         "frozen base: bf16 / float32 masters (scalora on bf16) / NF4 codes + QuantState, plus bf16 embeddings "
         "and norms, all sharded except NF4 QuantState (always whole) and `replicated` codes.",
         "ScaLoRA extra: nf4, the float32 rank-R accumulators (sharded); bf16 on several GPUs, the float32 "
-        "full lora_A each layer captures for the merge (not sharded); on one GPU also the bf16 compute copies "
-        "of the float32 masters (bf16) or accumulators (nf4) that the matmuls save for the backward (one "
-        "layer's with checkpointing, every layer's without).",
+        "full lora_A each layer captures for the merge (not sharded). No bf16 compute copies of the float32 "
+        "masters or accumulators are saved for the backward (lora.frozen_linear saves the float32 tensor itself).",
         f"FSDP working set: 2 decoder blocks all-gathered in bf16 (codes packed; `replicated` codes not "
         f"gathered) + one block's float32 adapter gradients + the root group (embeddings"
         f"{'' if shape.tied else ', lm_head'}, final norm: {g(shape.root_params() * BF16)} {unit_name}), which FSDP2 "

@@ -101,11 +101,11 @@ def nnls_gram(K: torch.Tensor, lam: torch.Tensor, lower: torch.Tensor | None = N
     Kr = K + shift * torch.eye(n, dtype=K.dtype)
     x = torch.zeros_like(lam)
     passive = torch.zeros(n, dtype=torch.bool)
+    blocked = torch.zeros(n, dtype=torch.bool)  # entered and left at once (degenerate): skip
     tol = 1e-12 * max(b.abs().max().item(), 1e-300) * n
     max_iter = max_iter or 10 * n
     it = 0
     w = b - Kr @ x
-    blocked = torch.zeros(n, dtype=torch.bool)
     while it < max_iter:
         cand = (~passive) & (~blocked) & (w > tol)
         if not cand.any():
@@ -121,15 +121,18 @@ def nnls_gram(K: torch.Tensor, lam: torch.Tensor, lower: torch.Tensor | None = N
                 x = s
                 break
             bad = idx[s[idx] <= 0]
-            step = (x[bad] / (x[bad] - s[bad])).min().clamp(0, 1)
-            x = x + step * (s - x)
+            ratios = x[bad] / (x[bad] - s[bad])
+            k = int(ratios.argmin())
+            x = x + ratios[k].clamp(0, 1) * (s - x)
             drop = passive & (x <= 0)
-            if step == 0 and drop[j]:
-                blocked[j] = True  # numerically degenerate entering index: skip it this round
+            drop[bad[k]] = True  # the blocking index leaves even if round-off kept it > 0
             passive &= ~drop
             x[~passive] = 0
+        if passive[j]:
+            blocked.zero_()
+        else:
+            blocked[j] = True
         w = b - Kr @ x
-        blocked.zero_()
     return x + l
 
 
@@ -317,15 +320,18 @@ def make_solver(kind: str, tau: float):
             return res  # where the product's column solution exists, keep it
         P64, Q64 = P.to(torch.float64), Q.to(torch.float64)
         K, lam = sm.column_scaling_system(P64, Q64)
-        if not (torch.isfinite(K).all() and torch.isfinite(lam).all()) or not (torch.diagonal(K) > 0).all():
+        if not (torch.isfinite(K).all() and torch.isfinite(lam).all()):
             return res
         r = P.shape[0] // 2
         lower = tau * diagonal_solution(P64, Q64) if kind == "nnls_floor" else None
         v = nnls_gram(K, lam, lower=lower, ridge=ridge)
         if not torch.isfinite(v).all() or not (v > 0).any():
             return res
-        v = v.clamp(min=0)
-        return sm.Scales((kappa * v[:r]).sqrt(), (kappa * v[r:]).sqrt(), sm.COLUMN)
+        x = kappa * v.clamp(min=0)
+        # a column that is already zero (exact NNLS zeroed it earlier) is unaffected by its
+        # scale; keep 1 there so the other factor's gradient and Adam moments are untouched
+        x = torch.where(torch.diagonal(K) > 0, x, torch.ones_like(x))
+        return sm.Scales(x[:r].sqrt(), x[r:].sqrt(), sm.COLUMN)
 
     return solve
 
@@ -383,7 +389,8 @@ def run(args) -> Path:
         sc = run_.scalora
         todo = [(n, l) for n, l in zip(names, sc.layers)
                 if l.lora_A.grad is not None and l.lora_B.grad is not None]
-        grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale) for _, l in todo]
+        with torch.no_grad():  # as in ScaLoRA.refactor
+            grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale) for _, l in todo]
         kappa = sc.kappa if sc.kappa is not None else rf.auto_kappa(grams)
         recs = []
         if kappa is not None:

@@ -709,11 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out-dir", default="tools/results", help="study.md, study_results.json, PNGs")
     a("--methods", default="lora,rslora,scalora,scalora_i10,full", type=lambda s: s.split(","))
     a("--ranks", default="4,16", type=lambda s: parse_list(s, int))
-    a("--lrs-lora", default="3e-3,1e-2", type=parse_list, help="lr sweep of the adapter methods")
+    a("--lrs-lora", default="1e-3,3e-3,1e-2", type=parse_list, help="lr sweep of the adapter methods")
     a("--lrs-full", default="3e-4,1e-3,3e-3", type=parse_list, help="lr sweep of full fine-tuning")
     a("--seeds", type=int, default=3, help="seeds at the best lr (headline)")
     a("--kappa-mults", default="0.25,1,4", type=parse_list, help="ScaLoRA kappa multipliers ('' to skip)")
-    a("--kappa-ranks", default="4", type=lambda s: parse_list(s, int),
+    a("--kappa-ranks", default="4,16", type=lambda s: parse_list(s, int),
       help="ranks of the kappa sensitivity ('' : all of --ranks)")
     a("--alpha", type=float, default=16.0)
     a("--ft-steps", type=int, default=200)

@@ -72,10 +72,9 @@ class LoRALinear(nn.Module):
         if self.quantized:
             y = self._quantized_base(x)
         else:
-            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-            y = F.linear(x, self.base.weight.to(x.dtype), bias)
+            y = frozen_linear(x, self.base.weight, self.base.bias)
         if self.acc_U is not None:
-            y = y + F.linear(F.linear(x, self.acc_V.T.to(x.dtype)), self.acc_U.to(x.dtype))
+            y = y + frozen_linear(frozen_linear(x, self.acc_V.T), self.acc_U)
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scale
 
@@ -108,6 +107,28 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:.4g}"
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x @ W.T + b for a frozen W stored in another dtype than x (float32 masters under
+    bf16 compute): saves W itself for the backward, not the cast copy F.linear would save,
+    so a bf16 step does not hold a bf16 copy of every float32 master weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if weight.dtype == x.dtype or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(x, weight, bias)  # nothing to save: F.linear keeps W as it is
+    return _FrozenLinear.apply(x, weight, bias)
 
 
 def initial_lora_A(name: str, rank: int, in_features: int, seed: int) -> torch.Tensor:
