@@ -53,6 +53,7 @@ VARIANTS = {
     "lora": ["adapter.method=lora"],
     "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
     "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
+    "full": ["adapter.method=full"],
 }
 MIB = 1024 * 1024
 

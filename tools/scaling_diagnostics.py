@@ -30,7 +30,11 @@ Commands (OMP_NUM_THREADS=1, one torch thread; about 2-3 min per 200-step run on
     OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 4  --steps 200
     OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200
     OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200 --solver nnls
-    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200 --solver nnls_floor
+    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200 --solver nnls_floor --tau 0.01
+    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200 --solver nnls_floor --tau 0.01 --seed 1
+    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 200 --solver nnls_floor --tau 0.01 --seed 2
+    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 4  --steps 200 --solver nnls_floor --tau 0.01
+    OMP_NUM_THREADS=1 python tools/scaling_diagnostics.py --rank 16 --steps 40 --method lora   # control
     python tools/scaling_diagnostics.py --report runs/scaling_diagnostics/*.json   # tables
 
 (--steps defaults to 40: a quick look at the first 30 refactors.) Each run writes
@@ -356,16 +360,18 @@ def run(args) -> Path:
     sargs = study.build_parser().parse_args(["--work-dir", args.work_dir])
     sargs.report_only = True  # never pre-train here: a missing cached base is an error
     files, base = study.prepare_base(sargs, log=lambda m: None)  # cached: returns at once
-    spec = study.Spec("scalora", args.rank, args.lr, args.seed)
+    spec = study.Spec(args.method, args.rank, args.lr, args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"r{args.rank}-{args.solver}" + (f"{args.tau:g}" if args.solver == "nnls_floor" else "") + f"-s{args.seed}-n{args.steps}"
+    tag = ("lora-" if args.method == "lora" else "") + f"r{args.rank}-{args.solver}" + (f"{args.tau:g}" if args.solver == "nnls_floor" else "") + f"-s{args.seed}-n{args.steps}"
     overrides = study.finetune_overrides(sargs, spec, base, files) + [
         f"train.max_steps={args.schedule_steps}", f"output.dir={out_dir / ('tmp-' + tag)}"]
     cfg = load_config(None, overrides)
     run_ = setup(cfg)
     names = list(lora_layers(run_.model).keys())
-    assert [id(l) for l in run_.scalora.layers] == [id(l) for l in lora_layers(run_.model).values()]
+    layers = list(lora_layers(run_.model).values())
+    if run_.scalora is not None:
+        assert [id(l) for l in run_.scalora.layers] == [id(l) for l in layers]
 
     # Record what the real solve_scales (or the replacement) returns, call by call.
     product_solve = sm.solve_scales
@@ -380,7 +386,7 @@ def run(args) -> Path:
     sm.solve_scales = recording_solve  # refactor.py calls sm.solve_scales: patched here only
     records: list[dict] = []
     gen = torch.Generator().manual_seed(1234)
-    original_refactor = run_.scalora.refactor
+    original_refactor = run_.scalora.refactor if run_.scalora is not None else None
     state = {"step": None}
     diag_time = [0.0]
 
@@ -410,7 +416,34 @@ def run(args) -> Path:
             records.extend(recs)
         return report
 
-    run_.scalora.refactor = refactor_with_diagnostics
+    lora_kappa: list[float] = []
+
+    def lora_step_with_diagnostics(*a, **kw):
+        """--method lora (control, no rewrite): the scaling system ScaLoRA WOULD solve on plain
+        LoRA's state, from step scalora.warmup_steps + 1 on. Gradients are already clipped
+        here, a global rescale that leaves v unchanged."""
+        step = state["step"] + 1
+        if step > cfg.adapter.scalora.warmup_steps:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale) for l in layers]
+            if not lora_kappa:
+                lora_kappa.append(rf.auto_kappa(grams))
+            for name, (P, Q) in zip(names, grams):
+                rec = {"step": step, "layer": name, "kappa": lora_kappa[0]}
+                rec.update(analyse(P, Q, lora_kappa[0], gen))
+                records.append(rec)
+            diag_time[0] += time.perf_counter() - t0
+        return original_opt_step(*a, **kw)
+
+    if run_.scalora is not None:
+        run_.scalora.refactor = refactor_with_diagnostics
+    else:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Seems like `optimizer.step()` has been overridden")
+        original_opt_step = run_.optimizer.step
+        run_.optimizer.step = lora_step_with_diagnostics
     curve, train_losses = [], []
     started = time.perf_counter()
     for step in range(args.steps):
@@ -423,7 +456,7 @@ def run(args) -> Path:
                   f"({time.perf_counter() - started:.0f}s)", flush=True)
     wall = time.perf_counter() - started
     sm.solve_scales = product_solve
-    if args.solver == "default":
+    if args.solver == "default" and run_.scalora is not None:
         mism = sum(r["kind_predicted"] != r["kind_actual"] for r in records)
         print(f"branch replay: {mism} mismatches in {len(records)} layer-refactors")
     out = {
@@ -581,7 +614,7 @@ def report(paths: list[Path], window: tuple[int, int] | None = None) -> str:
     L.append("Exact NNLS optimum on failing layers: entries at zero, and column pairs with both alpha = beta = 0:")
     L.append("")
     L.append("| run | zeros per failing layer (mean, max) | alpha / beta zeros | dead pairs (alpha=beta=0) per failing layer | "
-             "floor 0.1: entries at the floor (mean) | torch vs scipy NNLS objective gap (max, relative) |")
+             "floor 0.1: entries at the floor (mean) | torch minus scipy NNLS objective, relative (largest magnitude; < 0: torch better) |")
     L.append("|---|---|---|---|---|---|")
     for name, d in runs:
         R = d["records"]
@@ -589,10 +622,10 @@ def report(paths: list[Path], window: tuple[int, int] | None = None) -> str:
         if not fail:
             continue
         z = [r["nnls_zero_alpha"] + r["nnls_zero_beta"] for r in fail]
-        gaps = [abs(r.get("nnls_torch_minus_scipy_obj") or 0.0) for r in R]
+        gaps = [r.get("nnls_torch_minus_scipy_obj") or 0.0 for r in R]
         L.append(f"| {name} | {_mean(z):.2f}, {max(z)} | {sum(r['nnls_zero_alpha'] for r in fail)} / "
                  f"{sum(r['nnls_zero_beta'] for r in fail)} | {_mean([r['nnls_dead_pairs'] for r in fail]):.3f} | "
-                 f"{_mean([r['nnls_floor0.1_at_floor'] for r in fail]):.2f} | {_e(max(gaps))} |")
+                 f"{_mean([r['nnls_floor0.1_at_floor'] for r in fail]):.2f} | {_e(max(gaps, key=abs))} |")
     L.append("")
     L.append("Column-solve rate by refactor step window:")
     L.append("")
@@ -625,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--rank", type=int, default=16)
+    a("--method", choices=["scalora", "lora"], default="scalora",
+      help="lora: control run without rewrites; records the system ScaLoRA would solve on LoRA's state")
     a("--steps", type=int, default=40, help="optimizer steps to run")
     a("--schedule-steps", type=int, default=200,
       help="train.max_steps for the cosine schedule (the study's 200: the first --steps steps are the study's)")
