@@ -37,10 +37,13 @@ def _rows(table: str) -> dict[str, list[str]]:
 def test_bench_step_compares_methods_and_base_precisions():
     pytest.importorskip("bitsandbytes")
     variants = ["lora", "scalora", "full", "lora-nf4", "scalora-nf4"]
-    rows = _rows(_tool("tools/bench_step.py", *TINY_MODEL, "--variants", ",".join(variants)))
+    rows = _rows(_tool("tools/bench_step.py", *TINY_MODEL, "--variants", ",".join(variants),
+                       "--peak-tflops", "0.5"))
     assert list(rows) == variants
     assert rows["lora"][1] == "1.000"  # the ratio column is relative to the first variant
-    state = {v: float(cells[3]) for v, cells in rows.items()}
+    for cells in rows.values():  # MFU = achieved TFLOP/s over the given peak
+        assert float(cells[4].rstrip("%")) == pytest.approx(100 * float(cells[3]) / 0.5, rel=0.01, abs=0.05)
+    state = {v: float(cells[5]) for v, cells in rows.items()}
     # the 4-bit base stores its projections in a quarter of the bytes... but this model is
     # mostly embedding; it must still be smaller, and ScaLoRA's accumulators must show
     assert state["lora-nf4"] < state["lora"] and state["scalora-nf4"] > state["lora-nf4"]

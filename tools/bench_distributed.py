@@ -54,6 +54,12 @@ VARIANTS = {
     "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
     "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
     "full": ["adapter.method=full"],
+    # 4-bit bases in FSDP2's two placements of the packed codes
+    "lora-nf4-sharded": ["adapter.method=lora", "model.load_in_4bit=true"],
+    "lora-nf4-replicated": ["adapter.method=lora", "model.load_in_4bit=true", "model.quant_placement=replicated"],
+    "scalora-nf4-sharded": ["adapter.method=scalora", "model.load_in_4bit=true"],
+    "scalora-nf4-replicated": ["adapter.method=scalora", "model.load_in_4bit=true",
+                               "model.quant_placement=replicated"],
 }
 MIB = 1024 * 1024
 

@@ -7,7 +7,10 @@ bf16 vs 4-bit (NF4) frozen bases, side by side in one run.
 
 Timing: the variants live in one process and their steps are interleaved (lora, scalora,
 scalora-I10, lora, ...), so machine noise hits them alike; the table reports the median
-step time and its ratio to LoRA. Peak RSS: each variant runs again alone in a fresh
+step time and its ratio to LoRA. Throughput: tokens/s (packed sequences: no padding) and
+achieved TFLOP/s, from the FLOPs of one step's forward and backward as executed (torch's
+FlopCounterMode: adapter matmuls included, the weight gradients a frozen base skips not);
+MFU = achieved / peak where the peak is known (a CUDA GPU in PEAK_TFLOPS, or --peak-tflops). Peak RSS: each variant runs again alone in a fresh
 process (ru_maxrss only grows), for the same number of steps.
 """
 
@@ -63,6 +66,33 @@ def overrides_for(args: argparse.Namespace, variant: str, model_dir: Path, data:
     ]
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) by CUDA device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(given: float | None) -> float | None:
+    import torch
+
+    if given:
+        return given
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return None  # a CPU's peak depends on its vector units and clocks: not guessed
+
+
+def step_flops(run) -> float:
+    """FLOPs of one training step's forward and backward passes, counted as they run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scalora_dist.train import forward_backward
+
+    with FlopCounterMode(display=False) as counter:
+        forward_backward(run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def build_run(args: argparse.Namespace, variant: str, model_dir: Path, data: Path):
     from scalora_dist.config import load_config
     from scalora_dist.train import setup
@@ -85,9 +115,10 @@ def interleave(runs: dict, warmup: int, steps: int) -> dict[str, list[float]]:
     return times
 
 
-def time_interleaved(args, variants, model_dir, data) -> dict[str, list[float]]:
+def time_interleaved(args, variants, model_dir, data) -> tuple[dict[str, list[float]], dict[str, float]]:
     runs = {v: build_run(args, v, model_dir, data) for v in variants}
-    return interleave(runs, args.warmup, args.steps)
+    flops = {v: step_flops(run) for v, run in runs.items()}
+    return interleave(runs, args.warmup, args.steps), flops
 
 
 def training_state_mib(run) -> float:
@@ -125,6 +156,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (also ScaLoRA warm-up)")
     p.add_argument("--variants", default="lora,scalora,scalora-I10")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs only)")
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -158,7 +190,7 @@ def main() -> None:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-        times = time_interleaved(args, variants, Path(model_dir), data)
+        times, flops = time_interleaved(args, variants, Path(model_dir), data)
         passthrough = [a for a in sys.argv[1:] if a != "--only"]
         if not args.model_dir:
             passthrough += ["--model-dir", str(model_dir)]
@@ -168,15 +200,18 @@ def main() -> None:
     table = Table(title=f"step time, {args.steps} interleaved steps per variant, "
                   f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, "
                   f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads")
-    columns = ("variant", "median step (ms)", f"ratio to {variants[0]}", "tokens/s",
-               "weights + optimizer (MiB)", "peak RSS alone (MiB)")
+    peak = peak_tflops(args.peak_tflops)
+    columns = ("variant", "median step (ms)", f"ratio to {variants[0]}", "tokens/s", "TFLOP/s",
+               "MFU", "weights + optimizer (MiB)", "peak RSS alone (MiB)")
     for col in columns:
         table.add_column(col, justify="right")
     tokens = args.batch_size * args.seq_len  # packed sequences: no padding
     for v in variants:
         med = statistics.median(times[v])
-        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{tokens / med:.0f}",
-                      f"{alone[v]['state_mib']:.1f}", f"{alone[v]['peak_rss_mib']:.0f}")
+        achieved = flops[v] / med / 1e12
+        mfu = f"{100 * achieved / peak:.3g}%" if peak else "–"
+        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{tokens / med:.0f}", f"{achieved:.4g}",
+                      mfu, f"{alone[v]['state_mib']:.1f}", f"{alone[v]['peak_rss_mib']:.0f}")
     Console().print(table)
 
 
