@@ -210,8 +210,10 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     from scalora_dist.distributed import destroy_distributed
     from scalora_dist.train import TrainingError, train as run_training
 
+    finished = False
     try:
         result = run_training(cfg, show_progress=not quiet and rank == 0, resume=resume)
+        finished = True
     except (cfgmod.ConfigError, DataError, CheckpointError) as e:
         _train_fail(str(e), 2, prefix)
     except TrainingError as e:
@@ -222,7 +224,7 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     finally:
         # Shut gloo/NCCL down before interpreter exit; its threads otherwise abort the
         # process ("terminate called without an active exception") after a good run.
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=finished)
     if rank != 0:
         return
     console.print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}", highlight=False)

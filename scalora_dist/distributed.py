@@ -63,8 +63,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(wait_for_peers: bool = False) -> None:
+    """Tear the process group down. After a good run, first wait until every rank is done
+    (a rank closing its gloo connections while a peer still finishes its last writes has
+    aborted processes at exit); never after a failure, where peers may never arrive."""
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
