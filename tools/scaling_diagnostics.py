@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -357,7 +358,7 @@ def run(args) -> Path:
     import logging
 
     logging.getLogger("scalora_dist").setLevel(logging.WARNING)
-    sargs = study.build_parser().parse_args(["--work-dir", args.work_dir])
+    sargs = study.build_parser().parse_args(["--work-dir", args.work_dir, *shlex.split(args.study_args)])
     sargs.report_only = True  # never pre-train here: a missing cached base is an error
     files, base = study.prepare_base(sargs, log=lambda m: None)  # cached: returns at once
     spec = study.Spec(args.method, args.rank, args.lr, args.seed)
@@ -670,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tau", type=float, default=0.1, help="nnls_floor: v_i >= tau/||a_i||^2, i.e. new column norm >= sqrt(tau*kappa)")
     a("--eval-every", type=int, default=20)
     a("--work-dir", default="runs/study", help="the study's cache (base, data)")
+    a("--study-args", default="", help="tools/study.py flags the cached study was made with (default: none)")
     a("--out-dir", default="runs/scaling_diagnostics")
     a("--report", nargs="+", type=Path, help="only print the tables for these result JSONs")
     a("--window", type=lambda s: tuple(int(x) for x in s.split(",")),
