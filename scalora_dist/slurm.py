@@ -105,6 +105,19 @@ class SbatchOptions:
 # ---------------------------------------------------------------------------------------
 # Template. {placeholders} are filled by `render_sbatch`; $VARIABLES are the shell's.
 
+# Tokenises the run's data once into the datasets cache (both script kinds run it first).
+PRETOKENIZE_PY = """\
+import sys
+from scalora_dist.config import load_config
+from scalora_dist.data import load_split
+from scalora_dist.model.loading import load_tokenizer
+cfg = load_config(sys.argv[1], sys.argv[2:])
+tokenizer = load_tokenizer(cfg.model)
+for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+    if files:
+        print(f"pre-tokenised {name}: {len(load_split(cfg.data, tokenizer, files))} examples", flush=True)
+"""
+
 SBATCH_TEMPLATE = """\
 #!/bin/bash
 {header}
@@ -157,16 +170,7 @@ fi
 # storage that all nodes share, or every node tokenises again.
 # export HF_DATASETS_CACHE=/shared/cache/datasets
 "$PYTHON" - "$CONFIG" "${{OVERRIDES[@]}}" <<'PRETOKENIZE'
-import sys
-from scalora_dist.config import load_config
-from scalora_dist.data import load_split
-from scalora_dist.model.loading import load_tokenizer
-cfg = load_config(sys.argv[1], sys.argv[2:])
-tokenizer = load_tokenizer(cfg.model)
-for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-    if files:
-        print(f"pre-tokenised {{name}}: {{len(load_split(cfg.data, tokenizer, files))}} examples", flush=True)
-PRETOKENIZE
+{pretokenize}PRETOKENIZE
 
 # --- 2. one torchrun launcher per node --------------------------------------------------
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 ${{SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}} \\
@@ -203,16 +207,7 @@ export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-1}}
 
 if [ "${{PRETOKENIZE_ONLY:-0}}" = 1 ]; then
   exec "$PYTHON" - "$CONFIG" "${{OVERRIDES[@]}}" <<'PRETOKENIZE'
-import sys
-from scalora_dist.config import load_config
-from scalora_dist.data import load_split
-from scalora_dist.model.loading import load_tokenizer
-cfg = load_config(sys.argv[1], sys.argv[2:])
-tokenizer = load_tokenizer(cfg.model)
-for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
-    if files:
-        print(f"pre-tokenised {{name}}: {{len(load_split(cfg.data, tokenizer, files))}} examples", flush=True)
-PRETOKENIZE
+{pretokenize}PRETOKENIZE
 fi
 MASTER_ADDR=${{MASTER_ADDR:?set MASTER_ADDR (first host, reachable from all hosts)}}
 exec "$PYTHON" -m scalora_dist.cli train "$CONFIG" "${{OVERRIDES[@]}}" --quiet \\
@@ -271,6 +266,7 @@ def render_sbatch(o: SbatchOptions, header: str | None = None) -> str:
         max_restarts=o.max_restarts,
         rdzv_port=str(o.rdzv_port) if o.rdzv_port else f"$(({DEFAULT_PORT_BASE} + SLURM_JOB_ID % 10000))",
         join_timeout=o.join_timeout_s,
+        pretokenize=PRETOKENIZE_PY,
     )
 
 
@@ -282,7 +278,7 @@ def example_files() -> dict[str, str]:
         "single_node.sbatch": render_sbatch(single, header="launch/single_node.sbatch"),
         "multi_node.sbatch": render_sbatch(multi, header="launch/multi_node.sbatch"),
         "torchrun_multi_host.sh": MULTI_HOST_TEMPLATE.format(
-            max_restarts=3, join_timeout=DEFAULT_JOIN_TIMEOUT_S
+            max_restarts=3, join_timeout=DEFAULT_JOIN_TIMEOUT_S, pretokenize=PRETOKENIZE_PY
         ),
     }
 
