@@ -43,17 +43,15 @@ import threading
 import time
 from pathlib import Path
 
-from bench_step import interleave, write_data  # tools/ is on sys.path when a tool runs
+from bench_step import VARIANTS as METHOD_VARIANTS  # tools/ is on sys.path when a tool runs
+from bench_step import interleave, write_data
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 VARIANTS = {
-    "lora": ["adapter.method=lora"],
-    "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
-    "scalora-I10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
-    "full": ["adapter.method=full"],
+    **{name: METHOD_VARIANTS[name] for name in ("lora", "scalora", "scalora-I10", "full")},
     # 4-bit bases in FSDP2's two placements of the packed codes
     "lora-nf4-sharded": ["adapter.method=lora", "model.load_in_4bit=true"],
     "lora-nf4-replicated": ["adapter.method=lora", "model.load_in_4bit=true", "model.quant_placement=replicated"],
