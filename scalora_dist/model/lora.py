@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import AdapterConfig, ConfigError
-from scalora_dist.model.loading import dequantize, is_quantized_linear, quant_state
+from scalora_dist.model.loading import is_quantized_linear, quant_state
 
 
 class LoRALinear(nn.Module):
@@ -93,17 +93,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s * lora_B @ lora_A, in float32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
-
-    @torch.no_grad()
-    def base_weight(self) -> torch.Tensor:
-        """The frozen weight as float32: dequantised 4-bit codes plus the accumulator."""
-        if self.quantized:
-            w = dequantize(self.base.weight.data, self.quant_state)
-        else:
-            w = self.base.weight.float()
-        if self.acc_U is not None:
-            w = w + self.acc_U.float() @ self.acc_V.float().T
-        return w
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:.4g}"
