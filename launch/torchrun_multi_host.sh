@@ -27,9 +27,12 @@ if [ "${PRETOKENIZE_ONLY:-0}" = 1 ]; then
 import sys
 from scalora_dist.config import load_config
 from scalora_dist.data import load_split
+from scalora_dist.model.hub import resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer
 cfg = load_config(sys.argv[1], sys.argv[2:])
-tokenizer = load_tokenizer(cfg.model)
+model_dir = resolve_model_dir(cfg.model)
+print(f"model: {model_dir}", flush=True)
+tokenizer = load_tokenizer(model_dir)
 for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
     if files:
         print(f"pre-tokenised {name}: {len(load_split(cfg.data, tokenizer, files))} examples", flush=True)

@@ -25,14 +25,21 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Local directory of a transformers causal-LM checkpoint (config.json + safetensors)."""
+    """A transformers causal-LM checkpoint (config.json + safetensors): a local directory
+    (relative paths are resolved against the working directory), or a Hugging Face hub id
+    such as `meta-llama/Llama-3.1-8B`, downloaded into the hub cache (HF_HOME, HF_TOKEN) or
+    read from it when offline (HF_HUB_OFFLINE=1). Multimodal checkpoints whose text part is a
+    causal LM (Gemma-3 4B-27B) train their language model."""
+    revision: str = ""
+    """Hub ids only: a branch, tag or commit of model.path (empty: main)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute and storage dtype of the model; `auto`: bfloat16 on a CUDA GPU, float32 on
     CPU. LoRA factors, and the targeted base weights of scalora and full runs, are kept in
     float32 regardless (a bf16 base would round the small per-step ScaLoRA merges away)."""
     load_in_4bit: bool = False
     """Load the frozen base through bitsandbytes as 4-bit codes (QLoRA-style low-memory
-    mode; every nn.Linear except the output head). Needs bitsandbytes."""
+    mode; every linear layer of the language model except the output head). Needs
+    bitsandbytes."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type of the frozen base."""
     double_quant: bool = True
@@ -45,8 +52,8 @@ class ModelConfig:
     whole 4-bit base on every rank (FSDP2 ignored_params: no traffic for it) and shards
     only the adapters and unquantised parameters."""
     cpu_offload: bool = False
-    """FSDP2 runs (several processes): keep sharded parameters, gradients and optimizer
-    state in host memory (FSDP2's CPUOffloadPolicy)."""
+    """FSDP2 runs on GPUs (several processes): keep sharded parameters, gradients and
+    optimizer state in host memory (FSDP2's CPUOffloadPolicy). Method lora only."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel. `flash_attention_2` needs the optional flash-attn package."""
     gradient_checkpointing: bool = False
@@ -58,7 +65,7 @@ class ScaLoRAConfig:
     interval: int = 1
     """Refactor every `interval` optimizer steps (ScaLoRA-I); plain LoRA steps in between."""
     kappa: float | Literal["auto"] = "auto"
-    """kappa = 1/(L*eta) of method.md. `auto`: mean of ‖a_i‖·‖b_i‖ over all layers and
+    """kappa = 1/(L*eta) of docs/method.md §2. `auto`: mean of ‖a_i‖·‖b_i‖ over all layers and
     columns at the first refactor, so refactoring starts near alpha*beta = 1."""
     kappa_multiplier: float = 1.0
     """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
@@ -84,23 +91,47 @@ class AdapterConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling s = alpha/sqrt(r) (Kalajdzievski 2023)."""
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    """Module names to adapt (matched on the last dotted components, as PEFT does) or
-    `all-linear`: every nn.Linear except the output head."""
+    """`all-linear`: every nn.Linear of the language model except the output head (for a
+    multimodal checkpoint, not the vision tower or projector); or module names, matched on
+    their last dotted components as PEFT does: plain names (`q_proj`) inside the language
+    model, dotted ones (`vision_tower.encoder.layers.0.self_attn.q_proj`) anywhere."""
     dropout: float = 0.0
     """Dropout on the adapter input. Must be 0 for scalora (a merge is only exact without it)."""
     scalora: ScaLoRAConfig = field(default_factory=ScaLoRAConfig)
 
 
 @dataclass
+class DataSource:
+    """One entry of data.train_files / data.eval_files, in its long form."""
+
+    path: str = ""
+    """A local file (.jsonl, .json, .parquet, .txt), a local dataset folder (as the hub
+    stores datasets: data files plus a README), or a hub dataset id (org/name)."""
+    split: str = "train"
+    """The split to read; datasets' slicing works (`train[:95%]`, `train[95%:]`)."""
+    name: str = ""
+    """The dataset's configuration (subset) name, for datasets that have several."""
+    revision: str = ""
+    """Hub datasets: a branch, tag or commit (empty: main)."""
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    """Local JSONL / JSON / Parquet / text files for training."""
-    eval_files: list[str] = field(default_factory=list)
-    """Held-out files in the same format; empty: no evaluation."""
-    format: Literal["text", "instruction", "chat"] = "text"
+    train_files: list[str | DataSource] = field(default_factory=list)
+    """Training data: entries that are local files (.jsonl/.json/.parquet/.txt), local
+    dataset folders or hub dataset ids, each a string or a mapping {path, split (default
+    train), name, revision}, e.g. `[{path: tatsu-lab/alpaca, split: "train[:95%]"}]`.
+    Relative paths are resolved against the working directory."""
+    eval_files: list[str | DataSource] = field(default_factory=list)
+    """Held-out data, entries as in train_files (e.g. the same dataset with split
+    `train[95%:]`); empty: no evaluation."""
+    format: Literal["text", "instruction", "alpaca", "chat", "sharegpt"] = "text"
     """`text`: loss on every token of `text_field`; `instruction`: prompt + response, loss
-    on the response only; `chat`: `messages_field` rendered with the tokenizer's chat
-    template, loss on assistant turns only."""
+    on the response only; `alpaca`: columns instruction, input (optional), output, as a
+    chat turn when the tokenizer has a chat template (else Alpaca's prompt text), loss on
+    output; `chat`: `messages_field` ({role, content} turns) rendered with the tokenizer's
+    chat template, loss on assistant turns only; `sharegpt`: column conversations
+    ({from, value} turns: system, human, gpt), as chat."""
     text_field: str = "text"
     """Field holding the text (format text)."""
     prompt_field: str = "prompt"
@@ -110,10 +141,12 @@ class DataConfig:
     messages_field: str = "messages"
     """Field holding the list of {role, content} messages (format chat)."""
     max_length: int = 512
-    """Sequence length: examples are truncated to it; with packing, examples are not cut
-    but concatenated and split into chunks of exactly this length."""
+    """Sequence length: examples are truncated to it; with packing, it is the row length
+    (longer examples are cut into pieces of at most this length)."""
     packing: bool = False
-    """Concatenate tokenised examples (EOS-separated) into full `max_length` sequences."""
+    """Put whole examples side by side in rows of up to `max_length` tokens; each example
+    attends only to itself (per-example position_ids, no cross-example attention) and its
+    loss is what it would be unpacked."""
 
 
 @dataclass
@@ -138,7 +171,8 @@ class TrainConfig:
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
+    """AdamW decoupled weight decay of the trained tensors (LoRA factors, or the weights
+    under `full`). Must be 0 for scalora: see docs/method.md, "Weight decay"."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW (beta1, beta2)."""
     adam_eps: float = 1e-8
@@ -153,12 +187,21 @@ class TrainConfig:
     """Evaluate every this many steps (0: only at the end); needs data.eval_files."""
     eval_batches: int = 0
     """Cap on eval micro-batches per evaluation (0: the whole eval set)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts the model completes (greedily) at every evaluation, into samples.jsonl: see
+    the model change, not only the loss. With a chat, sharegpt or alpaca format and a chat
+    template, each prompt is a user turn."""
+    sample_max_new_tokens: int = 48
+    """Tokens generated per sample prompt."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: `stop` the run with an error naming the step (before any update or
     checkpoint), or `skip` the step's update and count it in metrics.jsonl."""
     save_every: int = 0
     """Write a resumable checkpoint (DCP: model shards, optimizer, scheduler, data
     position, RNG, step) every this many steps; one is always written at the end."""
+    save_every_minutes: float = 0.0
+    """Also write a checkpoint whenever this many minutes of wall-clock time have passed
+    since the last one (0: off); on clusters, where time limits are in minutes."""
     keep_last: int = 2
     """Keep only the newest this many checkpoints (0: keep all)."""
 
@@ -212,6 +255,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config
 
 
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A Config from its dict form (to_dict, e.g. the copy a checkpoint keeps), validated."""
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -257,6 +307,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Return value converted to `hint`, or raise a ConfigError naming the key."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        sections = [o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and sections:  # a mapping can only mean the section
+            return _build(sections[0], value, f"{key}.")
         errors = []
         for option in typing.get_args(hint):
             try:
@@ -264,6 +317,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e).split(": ", 1)[-1])
         raise ConfigError(f"{key}: {value!r} is not valid ({'; or '.join(errors)})")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
     if origin is Literal:
         choices = typing.get_args(hint)
         if value in choices:
@@ -271,7 +326,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
     if origin is list:
         (item_type,) = typing.get_args(hint)
-        if isinstance(value, (str, int, float)) and item_type is str and not isinstance(value, bool):
+        single = item_type is str or str in typing.get_args(item_type)
+        if isinstance(value, (str, int, float)) and single and not isinstance(value, bool):
             value = [value]  # a single name is a one-element list
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -304,7 +360,7 @@ def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     m, a, d, t = config.model, config.adapter, config.data, config.train
     if not m.path:
-        raise ConfigError("model.path: required (a local transformers checkpoint directory)")
+        raise ConfigError("model.path: required (a local transformers checkpoint directory or a hub model id)")
     _positive("adapter.rank", a.rank)
     _positive("adapter.alpha", a.alpha)
     if not 0.0 <= a.dropout < 1.0:
@@ -332,10 +388,29 @@ def validate(config: Config) -> None:
             "adapter.method: full fine-tuning cannot train a 4-bit base (model.load_in_4bit); "
             "use lora or scalora"
         )
+    if a.method == "scalora" and t.weight_decay > 0:
+        raise ConfigError(
+            "train.weight_decay: must be 0 for method scalora. AdamW would decay only the "
+            "current factors, whose decayed part the next refactor merges into the base: the "
+            "merged (high-rank) update is never decayed, and the factors' decay turns into a "
+            "drift of about -2*lr*weight_decay*s*lora_B*lora_A per step instead of a pull toward "
+            "the pretrained weights. Use method lora or full for weight decay."
+        )
+    if a.method == "scalora" and m.cpu_offload:
+        raise ConfigError(
+            "model.cpu_offload: not supported with method scalora yet (its merges and "
+            "statistics have not been tested with offloaded shards); use method lora, or "
+            "a 4-bit base (model.load_in_4bit) to save memory"
+        )
     if s.warmup_steps < 0:
         raise ConfigError("adapter.scalora.warmup_steps: must be >= 0")
     if not d.train_files:
-        raise ConfigError("data.train_files: required (one or more local files)")
+        raise ConfigError("data.train_files: required (one or more files, dataset folders or hub dataset ids)")
+    for key in ("train_files", "eval_files"):
+        for i, entry in enumerate(getattr(d, key)):
+            path = entry.path if isinstance(entry, DataSource) else entry
+            if not str(path).strip():
+                raise ConfigError(f"data.{key}[{i}]: empty path")
     _positive("data.max_length", d.max_length)
     if t.max_steps < 0 or t.epochs < 0:
         raise ConfigError("train.max_steps / train.epochs: must be >= 0")
@@ -345,6 +420,9 @@ def validate(config: Config) -> None:
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("train.lr", t.lr)
     _positive("train.log_every", t.log_every)
+    _positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
+    if t.save_every_minutes < 0:
+        raise ConfigError("train.save_every_minutes: must be >= 0")
     for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}: must be >= 0")

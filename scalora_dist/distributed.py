@@ -30,6 +30,51 @@ class DistInfo:
         return self.world_size > 1 or dist.is_initialized()
 
 
+def choose_threads(sample_s: float = 0.3) -> tuple[int, str]:
+    """Set this process's intra-op thread count and say why. OMP_NUM_THREADS wins when set;
+    otherwise the CPUs this process may use that are idle right now (measured over
+    `sample_s` from /proc/stat; the load average where there is none), at least 1: a busy
+    machine gets fewer threads, since a thread that waits for a core stalls the others at
+    every parallel operation (2x slower measured on 2 cores with one of them busy).
+    torchrun workers get OMP_NUM_THREADS=1 from torchrun itself."""
+    import math
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        why = "OMP_NUM_THREADS"
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = _busy_cpus(sample_s)
+        if busy is None:
+            busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        threads = max(1, min(cpus, math.floor(cpus - busy + 0.5)))
+        why = f"{cpus} CPUs, {busy:.1f} busy; set OMP_NUM_THREADS to choose"
+    torch.set_num_threads(threads)
+    return threads, why
+
+
+def _busy_cpus(sample_s: float) -> float | None:
+    """How many of the machine's CPUs were busy over the last `sample_s` seconds."""
+    import time
+
+    def read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = read()
+    time.sleep(sample_s)
+    second = read()
+    if first is None or second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (1 - idle / total)
+
+
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or (
         "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
@@ -41,7 +86,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     otherwise a one-process DistInfo on the best local device."""
     if not launched_by_torchrun():
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        setup_logging(0)
+        setup_logging(0, prefix=False)
         return DistInfo(device=device)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
@@ -73,10 +118,12 @@ def destroy_distributed(wait_for_peers: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def setup_logging(rank: int) -> None:
-    """Every rank logs warnings and errors, prefixed with its rank; rank 0 also logs info."""
+def setup_logging(rank: int, prefix: bool = True) -> None:
+    """Every rank logs warnings and errors, prefixed with its rank (in a job of several);
+    rank 0 also logs info."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    tag = f"[rank{rank}] " if prefix else ""
+    handler.setFormatter(logging.Formatter(f"{tag}%(levelname)s %(name)s: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False

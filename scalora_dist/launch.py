@@ -33,8 +33,13 @@ WORKER_MODULE = "scalora_dist.cli"
 
 #: Signals relayed to the torchrun process; torchrun relays them to the workers.
 FORWARDED_SIGNALS = tuple(
-    s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None
+    s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")) if s is not None
 )
+#: Signals that ask the run to checkpoint and stop (scalora_dist/stopping.py): they go to the
+#: workers themselves, past torchrun's agent, which would stop them at once (SIGTERM) or die
+#: of them (SIGUSR1). A second SIGTERM stops everything.
+GRACEFUL_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
+STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)
 
 #: After relaying a signal, how long torchrun gets to stop its workers (it waits up to its own
 #: shutdown timeout, 30 s by default, before it SIGKILLs them) before the launcher kills all.
@@ -179,14 +184,24 @@ def torchrun_env() -> dict[str, str]:
     return {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def through_agent(cmd: list[str]) -> list[str]:
+    """The same torchrun command, run by scalora_dist.agent: torchrun's own agent with its
+    arguments unchanged, which reports a failed worker in one line instead of a traceback."""
+    if cmd[1:3] == ["-m", "torch.distributed.run"]:
+        return [cmd[0], "-m", "scalora_dist.agent", *cmd[3:]]
+    return cmd
+
+
 def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> int:
-    """Run `cmd` (a torchrun command) and return its exit code.
+    """Run `cmd` (a torchrun command, through scalora_dist.agent) and return its exit code.
 
     torchrun runs in its own session, so a terminal's Ctrl-C reaches only this process; the
-    first SIGINT / SIGTERM / SIGHUP is relayed to torchrun's process group, and torchrun stops
-    its workers (it sends them the signal, then SIGKILL after its shutdown timeout). A second
+    first SIGINT / SIGHUP is relayed to torchrun's process group, and torchrun stops its
+    workers (it sends them the signal, then SIGKILL after its shutdown timeout). A second
     signal, or torchrun still running `escalate_after_s` after the first, SIGKILLs torchrun and
-    every process below it. After an interrupted run any worker still alive is killed too.
+    every process below it. SIGUSR1 and a first SIGTERM ask for a checkpoint and a stop: they
+    go to the workers, as SIGUSR1, and the job ends when they have saved (a second SIGTERM
+    to the launcher stops it at once). After an interrupted run any worker still alive is killed too.
     On Linux torchrun also gets SIGTERM if this process dies without a chance to relay.
 
     Returns torchrun's exit code, or 128 + signal number when the run was interrupted
@@ -202,7 +217,12 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
             _signal_group(procs[0].pid, signal.SIGKILL)
         _kill_known(known)
 
+    graceful: list[int] = []
+
     def relay(signum: int, frame: object) -> None:
+        if signum in GRACEFUL_SIGNALS and not received and signum not in graceful:
+            graceful.append(signum)  # passed on to the workers as SIGUSR1, in the wait loop
+            return
         received.append(signum)
         if not procs:
             return  # not started yet: relayed right after the start
@@ -219,14 +239,23 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
                 previous[sig] = signal.signal(sig, relay)
             except ValueError:  # not the main thread: signals stay as they are
                 break
+        from scalora_dist import stopping
+
+        graceful += [s for s in stopping._received if s in GRACEFUL_SIGNALS][:1]  # asked before this
         procs.append(subprocess.Popen(
-            cmd, start_new_session=True, preexec_fn=_death_signal_setter(), env=torchrun_env(),
+            through_agent(cmd), start_new_session=True, preexec_fn=_death_signal_setter(), env=torchrun_env(),
         ))
         proc = procs[0]
         if received:
             _signal_group(proc.pid, received[0])
         deadline = None
+        resend: list[float] = []  # when the stop request was last passed on
         while True:
+            if graceful and (not resend or (time.monotonic() - resend[-1] > 2 and len(resend) < 30)):
+                # Repeated for a minute: workers ignore SIGUSR1 until their handler is in
+                # place (after that, once is enough).
+                _signal_workers(proc.pid, STOP_SIGNAL)
+                resend.append(time.monotonic())
             try:
                 rc = proc.wait(timeout=0.5)
                 break
@@ -249,6 +278,29 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
     return 128 - rc if rc < 0 else rc
 
 
+def _signal_workers(agent_pid: int, sig: int) -> None:
+    """Send `sig` to the worker processes (the agent's children); the agent is left alone."""
+    for pid in [pid for pid, (ppid, _) in _process_table().items() if ppid == agent_pid]:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time) of every live process (empty without /proc)."""
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return {}
+    table = {}
+    for pid in pids:
+        st = _proc_stat(pid)
+        if st is not None:
+            table[pid] = st
+    return table
+
+
 def _death_signal_setter():
     """A preexec_fn asking Linux to SIGTERM the child when the launcher dies (prctl
     PR_SET_PDEATHSIG), or None elsewhere. ctypes is loaded here, in the parent: the child
@@ -264,6 +316,10 @@ def _death_signal_setter():
 
     def set_death_signal() -> None:
         prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+        # torchrun's agent and the workers start deaf to SIGUSR1 (inherited across exec):
+        # a scheduler's warning reaching the agent, or a worker before its handler exists,
+        # must not kill it (the launcher repeats the signal to the workers).
+        signal.signal(STOP_SIGNAL, signal.SIG_IGN)
 
     return set_death_signal
 
@@ -289,15 +345,9 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
 
 def _descendants(root: int) -> dict[int, int]:
     """pid -> start time of every live process below `root` (empty without /proc)."""
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return {}
     children: dict[int, list[tuple[int, int]]] = {}
-    for pid in pids:
-        st = _proc_stat(pid)
-        if st is not None:
-            children.setdefault(st[0], []).append((pid, st[1]))
+    for pid, (ppid, start) in _process_table().items():
+        children.setdefault(ppid, []).append((pid, start))
     found: dict[int, int] = {}
     stack = [root]
     while stack:

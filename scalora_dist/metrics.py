@@ -7,18 +7,12 @@ import json
 import logging
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from scalora_dist.config import ConfigError, OutputConfig
@@ -44,6 +38,7 @@ class MetricsWriter:
         self.run_dir = run_dir
         self.train_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         self._tb = None
         self._wandb = None
         if cfg.tensorboard:
@@ -71,6 +66,9 @@ class MetricsWriter:
     def log_eval(self, record: dict[str, Any]) -> None:
         self._append(self.eval_path, record)
         self._mirror("eval", record)
+
+    def log_sample(self, record: dict[str, Any]) -> None:
+        self._append(self.samples_path, record)
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         with path.open("a") as f:
@@ -106,30 +104,67 @@ class _ProgressWithStats(Progress):
         yield self.stats
 
 
+class _ConsoleLogHandler(logging.Handler):
+    """Log records printed through the live console, above the bar (never into it)."""
+
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(Text(self.format(record)), highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must never break training
+            self.handleError(record)
+
+
 class ProgressDisplay:
-    """A rich progress bar with the latest loss, lr, tokens/s and ScaLoRA counts under it.
+    """What rank 0 shows while training.
+
+    On a terminal: a live bar (steps done of the whole run, resumed steps included) with an
+    ETA from the steps timed so far, and the latest loss, lr, tokens/s and ScaLoRA counts
+    under it; log lines are printed above it through the same console. Anywhere else (a
+    pipe, a SLURM log): one plain, flushed line per logged step with the same figures.
     Silent when `enabled` is False (non-zero ranks, --quiet)."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, start: int = 0):
         self.console = Console(quiet=not enabled)
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self.total, self.start = total_steps, start
+        self._started = time.perf_counter()
         self._progress = _ProgressWithStats(
             TextColumn("[bold]step"),
             MofNCompleteColumn(),
             BarColumn(),
             TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
             console=self.console,
-            disable=not enabled,
+            disable=not self.live,
         )
-        self._task = self._progress.add_task("train", total=total_steps)
+        self._task = self._progress.add_task("train", total=total_steps, completed=start)
+        self._log = logging.getLogger("scalora_dist")
+        self._handler: _ConsoleLogHandler | None = None
+        self._saved_handlers: list[logging.Handler] = []
 
     def __enter__(self) -> ProgressDisplay:
-        self._progress.start()
+        if self.live:
+            self._progress.start()
+            self._handler = _ConsoleLogHandler(self.console)
+            if self._log.handlers:
+                self._handler.setFormatter(self._log.handlers[0].formatter)
+            self._saved_handlers, self._log.handlers = self._log.handlers, [self._handler]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self.live:
+            self._progress.stop()
+            self._log.handlers = self._saved_handlers
+
+    def eta_seconds(self, step: int) -> float | None:
+        done = step - self.start
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self._started) / done * (self.total - step)
 
     def update(self, step: int, record: dict[str, Any]) -> None:
         parts = [
@@ -138,6 +173,8 @@ class ProgressDisplay:
             f"grad {record['grad_norm']:.3g}",
             f"{record['tokens_per_s']:,.0f} tok/s",
         ]
+        if record.get("tokens"):
+            parts.append(f"{record['labelled_tokens'] / record['tokens']:.0%} labelled")
         if "scalora_column" in record:
             parts.append(
                 f"scalora col/scal/skip {record['scalora_column']}/{record['scalora_scalar']}/"
@@ -145,15 +182,28 @@ class ProgressDisplay:
             )
             if record.get("scalora_mean_alpha") is not None:
                 parts.append(f"α {record['scalora_mean_alpha']:.3f} β {record['scalora_mean_beta']:.3f}")
+            if record.get("scalora_acc_dropped_fraction") is not None:
+                parts.append(f"acc dropped {record['scalora_acc_dropped_fraction']:.1%}")
+        eta = self.eta_seconds(step)
+        if eta is not None and step < self.total:
+            parts.append(f"eta {_duration(eta)}")
         line = "  ".join(parts)
-        self._progress.stats = Text(line)
-        self._progress.update(self._task, completed=step)
-        if not self.console.is_terminal and (step == 1 or step % 50 == 0):
-            # No live bar in a log file: leave a plain line now and then.
-            self.console.print(f"step {step}: {line}", highlight=False)
+        if self.live:
+            self._progress.stats = Text(line)
+            self._progress.update(self._task, completed=step)
+        elif self.enabled:
+            self.print(f"step {step}/{self.total}  {line}")
 
     def print(self, *args: Any) -> None:
-        self.console.print(*args, highlight=False)
+        self.console.print(*args, highlight=False, soft_wrap=not self.live)
+        if not self.live and self.enabled:
+            self.console.file.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def quiet_libraries() -> None:
@@ -164,6 +214,9 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     # bitsandbytes warns at import on some CPUs about an optional hub kernel we never use.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

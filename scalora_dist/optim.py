@@ -1,6 +1,6 @@
 """The optimizer (torch AdamW or a bitsandbytes low-memory AdamW) and access to its moments.
 
-ScaLoRA rescales AdamW's moments at every refactor (method.md §4), so it needs them as
+ScaLoRA rescales AdamW's moments at every refactor (docs/method.md §2), so it needs them as
 float32 tensors whatever the optimizer stores: torch keeps `exp_avg` / `exp_avg_sq`,
 bitsandbytes keeps `state1` / `state2`, either float32 or 8-bit codes with one absmax per
 256-element block. 8-bit moments are dequantised, rescaled and quantised again, the same

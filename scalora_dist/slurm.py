@@ -36,11 +36,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scalora_dist.stopping import EXIT_REQUEUE
+
 #: The files of launch/ and how they are rendered (see `example_files`).
 EXAMPLE_NAMES = ("single_node.sbatch", "multi_node.sbatch", "torchrun_multi_host.sh")
 
 DEFAULT_JOIN_TIMEOUT_S = 1800
 DEFAULT_PORT_BASE = 20000
+DEFAULT_SIGNAL_MARGIN_S = 300
+"""With no save measured yet: 5 minutes for the step in progress, the save and the exit."""
 
 
 class SlurmError(ValueError):
@@ -70,6 +74,10 @@ class SbatchOptions:
     join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S
     rdzv_port: int | None = None  # None: DEFAULT_PORT_BASE + SLURM_JOB_ID % 10000
     requeue: bool = True
+    signal_margin_s: int = DEFAULT_SIGNAL_MARGIN_S
+    """SIGUSR1 this long before the time limit: the run checkpoints and the job requeues."""
+    max_requeues: int = 3
+    """Requeues in a row without a new checkpoint before the job gives up."""
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -90,6 +98,16 @@ class SbatchOptions:
             raise SlurmError(f"--mem: expected a size like 64G or 500M, got {self.mem!r}")
         if self.join_timeout_s < 1:
             raise SlurmError(f"join timeout: must be >= 1 s, got {self.join_timeout_s}")
+        if self.signal_margin_s < 1:
+            raise SlurmError(f"--signal-margin: must be >= 1 s, got {self.signal_margin_s}")
+        limit = time_limit_seconds(self.time)
+        if self.requeue and limit is not None and self.signal_margin_s >= limit:
+            raise SlurmError(
+                f"--signal-margin: {self.signal_margin_s} s is not shorter than the time limit --time "
+                f"{self.time} ({limit} s): the job would be told to stop as soon as it starts"
+            )
+        if self.max_requeues < 1:
+            raise SlurmError(f"--max-requeues: must be >= 1, got {self.max_requeues}")
         if self.rdzv_port is not None and not 0 < self.rdzv_port < 65536:
             raise SlurmError(f"--rdzv-port: must be in 1..65535, got {self.rdzv_port}")
         for name in ("partition", "account", "job_name", "output", "chdir"):
@@ -105,14 +123,18 @@ class SbatchOptions:
 # ---------------------------------------------------------------------------------------
 # Template. {placeholders} are filled by `render_sbatch`; $VARIABLES are the shell's.
 
-# Tokenises the run's data once into the datasets cache (both script kinds run it first).
+# Downloads a hub model (if model.path is an id) into the Hugging Face cache and tokenises
+# the run's data once into the datasets cache (both script kinds run it first).
 PRETOKENIZE_PY = """\
 import sys
 from scalora_dist.config import load_config
 from scalora_dist.data import load_split
+from scalora_dist.model.hub import resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer
 cfg = load_config(sys.argv[1], sys.argv[2:])
-tokenizer = load_tokenizer(cfg.model)
+model_dir = resolve_model_dir(cfg.model)
+print(f"model: {model_dir}", flush=True)
+tokenizer = load_tokenizer(model_dir)
 for name, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
     if files:
         print(f"pre-tokenised {name}: {len(load_split(cfg.data, tokenizer, files))} examples", flush=True)
@@ -136,7 +158,8 @@ PYTHON=${{PYTHON:-{python}}}
 NPROC_PER_NODE=${{NPROC_PER_NODE:-{nproc}}}
 MAX_RESTARTS={max_restarts}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-# A port per job, so two jobs sharing a node do not collide; override with RDZV_PORT=....
+# A port per job and start, so two jobs sharing a node do not collide, nor a requeued job with
+# what its previous start left behind; override with RDZV_PORT=....
 RDZV_PORT=${{RDZV_PORT:-{rdzv_port}}}
 # torchrun reads options it is not given from PET_<OPTION>: this is --rdzv-conf. A long
 # join timeout lets slow nodes (image pulls, busy file systems) join; a misconfigured
@@ -173,11 +196,30 @@ fi
 {pretokenize}PRETOKENIZE
 
 # --- 2. one torchrun launcher per node --------------------------------------------------
+# Time limit, preemption, `scancel --signal=USR1`, `scontrol requeue`: SLURM signals the
+# job's processes (SIGUSR1 {signal_margin} s before the limit; SIGTERM, then SIGKILL after
+# KillWait, otherwise); every rank finishes its step, one checkpoint is written and the
+# launchers exit with {exit_requeue}. This shell then requeues the job, which resumes from that
+# checkpoint. A requeued job that has started {max_requeues} times in a row without a newer
+# checkpoint (killed before it could save) does not train again.
+"$PYTHON" -m scalora_dist.requeue start "$CONFIG" "${{OVERRIDES[@]}}" --max-attempts {max_requeues}
+trap 'echo "batch script: $(date +%T) SIGTERM; the training checkpoints and stops"' TERM
+set +e
 srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 ${{SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}} \\
   "$PYTHON" -m scalora_dist.cli train "$CONFIG" "${{OVERRIDES[@]}}" --quiet \\
     --nnodes "$SLURM_NNODES" --nproc-per-node "$NPROC_PER_NODE" \\
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \\
     --max-restarts "$MAX_RESTARTS" --resume auto
+rc=$?
+set -e
+if [ "$rc" -ne 0 ]; then
+  # Exit code {exit_requeue} on one node, killed by srun on the others (--kill-on-bad-exit): the
+  # run's STOPPED marker says whether it stopped after a checkpoint; then requeue.
+  if "$PYTHON" -m scalora_dist.requeue stopped "$CONFIG" "${{OVERRIDES[@]}}"; then
+    exit 0
+  fi
+fi
+exit "$rc"
 """
 
 MULTI_HOST_TEMPLATE = """\
@@ -217,6 +259,23 @@ exec "$PYTHON" -m scalora_dist.cli train "$CONFIG" "${{OVERRIDES[@]}}" --quiet \
 """
 
 
+def time_limit_seconds(spec: str | None) -> int | None:
+    """SLURM's --time (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds."""
+    if spec is None:
+        return None
+    days, _, rest = spec.rpartition("-") if "-" in spec else ("", "", spec)
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = 0, parts[0], parts[1]
+    else:
+        hours, minutes, seconds = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 def _sbatch_lines(o: SbatchOptions) -> list[str]:
     lines = [f"#SBATCH --job-name={o.job_name}", f"#SBATCH --nodes={o.nodes}", "#SBATCH --ntasks-per-node=1"]
     if o.request_gpus:
@@ -227,6 +286,8 @@ def _sbatch_lines(o: SbatchOptions) -> list[str]:
     lines.append(f"#SBATCH --output={o.output or 'slurm-%x-%j.out'}")
     if o.requeue:
         lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]  # a requeued job appends to its log
+        if o.time is not None:  # a warning before the time limit: checkpoint, then requeue
+            lines.append(f"#SBATCH --signal=USR1@{o.signal_margin_s}")
     return lines
 
 
@@ -264,9 +325,13 @@ def render_sbatch(o: SbatchOptions, header: str | None = None) -> str:
         python=shlex.quote(o.python),
         nproc=o.gpus_per_node,
         max_restarts=o.max_restarts,
-        rdzv_port=str(o.rdzv_port) if o.rdzv_port else f"$(({DEFAULT_PORT_BASE} + SLURM_JOB_ID % 10000))",
+        rdzv_port=str(o.rdzv_port) if o.rdzv_port else
+        f"$(({DEFAULT_PORT_BASE} + (SLURM_JOB_ID + 997 * ${{SLURM_RESTART_COUNT:-0}}) % 10000))",
         join_timeout=o.join_timeout_s,
         pretokenize=PRETOKENIZE_PY,
+        signal_margin=o.signal_margin_s,
+        max_requeues=o.max_requeues,
+        exit_requeue=EXIT_REQUEUE,
     )
 
 

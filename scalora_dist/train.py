@@ -22,27 +22,32 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
-from scalora_dist.checkpoint import (
-    export_merged,
-    latest_checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from scalora_dist.checkpoint import load_checkpoint, save_checkpoint
+from scalora_dist.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
-from scalora_dist.data import BatchLoader, load_split
-from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, init_distributed
+from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs
+from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed
+from torch.distributed import is_initialized as dist_is_initialized
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
-from scalora_dist.model.loading import load_model, load_tokenizer, model_dtype
-from scalora_dist.model.lora import inject_adapters, lora_layers, save_peft_adapter
+from scalora_dist.model.build import build_model
+from scalora_dist.model.hub import model_reference, resolve_model_dir
+from scalora_dist.model.loading import load_tokenizer, model_dtype
+from scalora_dist.model.lora import lora_layers, save_peft_adapter
 from scalora_dist.optim import build_optimizer
+from scalora_dist.rundir import clear_run, nothing_to_do, plan_start
+from scalora_dist.stopping import SaveClock, StopSignals, agree, clear_marker, write_marker
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 FAULT_ENV = "SCALORA_DIST_FAULT"
+ACC_DROPPED_WARNING = 0.10
+"""Warn once when re-compressing a 4-bit base's accumulators drops more than this share
+(Frobenius norm) of a logging window's ScaLoRA merges: beyond it the refactors stop being
+function-preserving in any useful sense."""
 log = logging.getLogger("scalora_dist")
 
 
@@ -57,6 +62,12 @@ class TrainResult:
     final_loss: float
     eval_loss: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    nothing_to_do: bool = False
+    """A resume whose checkpoint had already reached the last step: nothing was changed."""
+    checkpoint: Path | None = None
+    first_step: int = 0
+    stopped_at: int | None = None
+    """The step a run stopped at on SIGUSR1 / SIGTERM, after its checkpoint (no export)."""
 
 
 @dataclass
@@ -87,23 +98,18 @@ class StepResult:
     grad_norm: float
     report: RefactorReport | None
     skipped: bool = False
-    """The loss was not finite and train.on_nonfinite_loss is skip: no update was made."""
+    """The loss or a gradient was not finite and train.on_nonfinite_loss is skip: no update was made."""
+    labelled_tokens: int = 0
+    """Tokens with a label (the ones the loss is over), all ranks together."""
 
 
 def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     dist = dist or init_distributed()
     torch.manual_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    if dist.distributed:
-        from scalora_dist.model.sharding import build_sharded_model
-
-        model = build_sharded_model(
-            cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, cpu_offload=cfg.model.cpu_offload
-        )
-    else:
-        model = load_model(cfg.model, dist.device)
-        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
-        model.to(dist.device)
+    model_dir = resolve_model_once_per_node(cfg.model, dist)
+    tokenizer = load_tokenizer(model_dir)
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,)) if dist.distributed else None
+    model = build_model(model_dir, cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, mesh=mesh)
 
     def loader(files: list[str], train: bool) -> BatchLoader:
         return BatchLoader(
@@ -113,9 +119,7 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
 
     train_loader = loader(cfg.data.train_files, train=True)
     eval_loader = loader(cfg.data.eval_files, train=False) if cfg.data.eval_files else None
-    total_steps = cfg.train.max_steps or max(
-        1, math.ceil(cfg.train.epochs * train_loader.batches_per_epoch() / cfg.train.grad_accum_steps)
-    )
+    total_steps = count_steps(cfg, train_loader)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train, dist.distributed)
@@ -135,57 +139,113 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     )
 
 
+def count_steps(cfg: Config, train_loader: BatchLoader) -> int:
+    """train.max_steps, or the optimizer steps of train.epochs passes over the data."""
+    return cfg.train.max_steps or max(
+        1, math.ceil(cfg.train.epochs * train_loader.batches_per_epoch() / cfg.train.grad_accum_steps)
+    )
+
+
+def resolve_model_once_per_node(model_cfg, dist: DistInfo) -> Path:
+    """The checkpoint directory of model.path. A hub id is downloaded (if needed) by the
+    first process of each node while the others wait, then read from the cache by them."""
+    if not dist.distributed:
+        return resolve_model_dir(model_cfg)
+    if dist.local_rank == 0:
+        model_dir = resolve_model_dir(model_cfg)
+        barrier()
+        return model_dir
+    barrier()
+    return resolve_model_dir(model_cfg, local_files_only=True)
+
+
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step; `step` counts the steps already taken."""
     run.model.train()
     if run.scalora is not None:
         run.scalora.prepare(step)
-    loss, tokens = forward_backward(run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device)
-    if not math.isfinite(loss):
+    loss, tokens, labelled = forward_backward(
+        run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device
+    )
+    # Checked before the refactor: a non-finite gradient would be merged into the base.
+    grad_norm = total_grad_norm(run.params) if math.isfinite(loss) else float("nan")
+    if not math.isfinite(grad_norm):
+        what = f"loss is {loss}" if not math.isfinite(loss) else (
+            f"the loss is finite but the gradients are not ({first_nonfinite_grad(run.model)} "
+            "has the first non-finite gradient)"
+        )
         if run.cfg.train.on_nonfinite_loss == "stop":
             raise TrainingError(
-                f"step {step + 1}: loss is {loss}; stopping before the optimizer step, so no "
+                f"step {step + 1}: {what}; stopping before the optimizer step, so no "
                 "checkpoint holds a broken model (lower train.lr, check the data, or set "
                 "train.on_nonfinite_loss=skip)"
             )
-        log.warning("step %d: loss is %s; skipping the update (train.on_nonfinite_loss=skip)", step + 1, loss)
+        log.warning("step %d: %s; skipping the update (train.on_nonfinite_loss=skip)", step + 1, what)
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        return StepResult(loss, tokens, float("nan"), None, skipped=True)
+        return StepResult(loss, tokens, float("nan"), None, skipped=True, labelled_tokens=labelled)
     report = None
     if run.scalora is not None and run.scalora.is_due(step):
         report = run.scalora.refactor()
-    max_norm = run.cfg.train.max_grad_norm or float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
-    if isinstance(grad_norm, DTensor):
-        grad_norm = grad_norm.full_tensor()
+        grad_norm = total_grad_norm(run.params)  # the rescaled gradients are what is clipped
+    if run.cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(run.params, run.cfg.train.max_grad_norm, torch.tensor(grad_norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, tokens, grad_norm.item(), report)
+    return StepResult(loss, tokens, grad_norm, report, labelled_tokens=labelled)
 
 
-def train(cfg: Config, show_progress: bool = True, resume: str | None = None) -> TrainResult:
+def total_grad_norm(params: list[nn.Parameter]) -> float:
+    """The global L2 norm of all gradients (all ranks' shards together)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+def first_nonfinite_grad(model: nn.Module) -> str:
+    """Name of the first trainable parameter whose gradient holds a NaN or inf on any rank."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    device = named[0][1].grad.device if named else torch.device("cpu")
+    flags = torch.tensor(
+        [float(not torch.isfinite(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).all())
+         for _, p in named], dtype=torch.float64, device=device,
+    )
+    if dist_is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad = [n for (n, _), f in zip(named, flags.tolist()) if f]
+    return bad[0] if bad else "no parameter"
+
+
+def train(
+    cfg: Config, show_progress: bool = True, resume: str | None = None, *,
+    overwrite: bool = False, force_resume: bool = False, extend: bool = False,
+) -> TrainResult:
     """Run the recipe. `resume`: "latest" or a checkpoint path (an error if there is none),
     or "auto": the latest checkpoint if there is one, else a fresh start (what a job that
-    torchrun or SLURM restarts after a lost worker wants)."""
+    torchrun or SLURM restarts after a lost worker wants). The run directory's rules
+    (rundir.py): nothing in it is written or removed before the run is set up; a fresh start
+    into a directory holding a run needs `overwrite`; a checkpoint of another configuration
+    needs `force_resume`; training past its schedule needs `extend`."""
     dist = init_distributed()
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
-    if resume == "auto":
-        checkpoint = latest_checkpoint(ckpt_root)
-    else:
-        checkpoint = resolve_checkpoint(resume, ckpt_root) if resume else None
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            for stale in ("metrics.jsonl", "eval.jsonl"):
-                (run_dir / stale).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    begin = plan_start(cfg, resume, overwrite=overwrite, force_resume=force_resume)
+    checkpoint = begin.checkpoint
     run = setup(cfg, dist)
-    start = restore(run, checkpoint) if checkpoint is not None else 0
+    if nothing_to_do(begin, run.total_steps, extend):
+        return TrainResult(run_dir, run.total_steps, float("nan"), None, nothing_to_do=True,
+                           checkpoint=checkpoint, first_step=begin.step)
+    # The run is set up: only now is anything in the run directory written or removed.
+    if dist.is_main:
+        if checkpoint is None:
+            clear_run(run_dir, everything=overwrite)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    barrier()
+    start = restore(run, checkpoint, rebuild_schedule=extend) if checkpoint is not None else 0
     if checkpoint is not None and dist.is_main:
-        for name in ("metrics.jsonl", "eval.jsonl"):  # drop records of steps being redone
+        for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):  # drop records of steps being redone
             _truncate_jsonl(run_dir / name, after_step=start)
 
     writer = MetricsWriter(cfg.output, run_dir, to_dict(cfg)) if dist.is_main else None
@@ -193,7 +253,13 @@ def train(cfg: Config, show_progress: bool = True, resume: str | None = None) ->
     window = _Window()
     eval_loss = None
     fault = _fault(dist.rank)
-    with ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main) as progress:
+    warned_dropped = False
+    if dist.is_main:
+        clear_marker(run_dir)
+    clock = SaveClock(cfg.train.save_every_minutes)
+    stopped: tuple[int, str] | None = None
+    with StopSignals() as signals, \
+            ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main, start=start) as progress:
         trainable = sum(p.numel() for p in run.params)
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
@@ -217,26 +283,73 @@ def train(cfg: Config, show_progress: bool = True, resume: str | None = None) ->
                     "peak_rss_mib": round(all_reduce_max(peak_rss_mib(), run.device), 1),
                 }
                 history.append(record)
+                dropped = record.get("scalora_acc_dropped_fraction")
+                if dropped is not None and dropped > ACC_DROPPED_WARNING and not warned_dropped:
+                    warned_dropped = True
+                    log.warning(
+                        "step %d: the 4-bit base's rank-%d accumulators dropped %.1f%% of this "
+                        "window's ScaLoRA merges (they hold more than their rank): every refactor "
+                        "now changes the function a little; raise adapter.scalora.accumulator_rank "
+                        "(scalora_acc_dropped_fraction in metrics.jsonl tracks it; warned once)",
+                        done, cfg.adapter.scalora.accumulator_rank, 100 * dropped,
+                    )
                 if writer is not None:
                     writer.log_train(record)
                 progress.update(done, record)
-            eval_due = cfg.train.eval_every and done % cfg.train.eval_every == 0
-            if run.eval_loader is not None and (eval_due or done == run.total_steps):
+            eval_due = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == run.total_steps
+            if run.eval_loader is not None and eval_due:
                 eval_loss = evaluate(run.model, run.eval_loader, run.device, cfg.train.eval_batches)
                 record = {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
                 if writer is not None:
                     writer.log_eval(record)
                 progress.print(format_eval(record))
-            save_due = cfg.train.save_every and done % cfg.train.save_every == 0
+            if cfg.train.sample_prompts and (eval_due if cfg.train.eval_every else done == run.total_steps):
+                for sample in sample_completions(run, done):
+                    if writer is not None:
+                        writer.log_sample(sample)
+                    progress.print(f"sample @ step {done}: {sample['prompt']!r} -> {sample['completion']!r}")
+            stop, timed = agree(signals.received is not None, dist.is_main and clock.due(), run.device)
+            save_due = (cfg.train.save_every and done % cfg.train.save_every == 0) or timed or stop
             if save_due or done == run.total_steps:
                 path = save(run, ckpt_root, done)
+                clock.saved()
                 progress.print(f"checkpoint {path}")
+            if stop and done < run.total_steps:
+                stopped = (done, signals.name or "a signal on another rank")
+                if dist.is_main:
+                    write_marker(run_dir, done, stopped[1], path)
+                log.warning("stopped at step %d on %s, after writing %s; run again with --resume auto "
+                            "to continue", done, stopped[1], path)
+                break
 
+    if stopped is not None:
+        if writer is not None:
+            writer.close()
+        return TrainResult(run_dir, run.total_steps, history[-1]["loss"] if history else float("nan"), eval_loss,
+                           history, checkpoint=checkpoint, first_step=start, stopped_at=stopped[0])
     export(run, run_dir)
     if writer is not None:
         writer.close()
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history)
+    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history, checkpoint=checkpoint, first_step=start)
+
+
+@torch.no_grad()
+def sample_completions(run: Run, step: int) -> list[dict[str, Any]]:
+    """Greedy completions of train.sample_prompts by the model as it is now. Every rank runs
+    them (FSDP2 needs every rank in every forward); they agree, as the logits do."""
+    from scalora_dist.inference import Sampling, generate, prompt_ids
+
+    chat = run.cfg.data.format in ("chat", "sharegpt", "alpaca") and bool(getattr(run.tokenizer, "chat_template", None))
+    run.model.eval()
+    samples = []
+    for prompt in run.cfg.train.sample_prompts:
+        ids = prompt_ids(run.tokenizer, prompt, chat)
+        new = generate(run.model, run.tokenizer, ids, Sampling(run.cfg.train.sample_max_new_tokens))
+        samples.append({"step": step, "prompt": prompt,
+                        "completion": run.tokenizer.decode(new, skip_special_tokens=True)})
+    run.model.train()
+    return samples
 
 
 def save(run: Run, ckpt_root: Path, step: int) -> Path:
@@ -248,14 +361,26 @@ def save(run: Run, ckpt_root: Path, step: int) -> Path:
         "scalora": run.scalora.state_dict() if run.scalora is not None else None,
         "world_size": run.dist.world_size,
         "config": to_dict(run.cfg),
+        "total_steps": run.total_steps,
+        "export_dtype": str(model_dtype(run.cfg.model, run.device)).removeprefix("torch."),
     }
     return save_checkpoint(ckpt_root, step, run.model, run.optimizer, app_state, keep_last=run.cfg.train.keep_last)
 
 
-def restore(run: Run, checkpoint: Path) -> int:
-    """Load a checkpoint into a freshly set-up run; returns the step to continue from."""
+def restore(run: Run, checkpoint: Path, rebuild_schedule: bool = False) -> int:
+    """Load a checkpoint into a freshly set-up run; returns the step to continue from.
+    `rebuild_schedule`: keep this run's LR schedule (over its own step count) and move it
+    to the checkpoint's step, instead of the checkpoint's schedule."""
     app_state = load_checkpoint(checkpoint, run.model, run.optimizer)
-    run.scheduler.load_state_dict(app_state["scheduler"])
+    if rebuild_schedule:
+        import warnings
+
+        with warnings.catch_warnings():  # stepping a scheduler with no optimizer step in between
+            warnings.simplefilter("ignore")
+            for _ in range(int(app_state["step"])):
+                run.scheduler.step()
+    else:
+        run.scheduler.load_state_dict(app_state["scheduler"])
     data = dict(app_state["data"])
     global_batch = run.cfg.train.micro_batch_size * run.dist.world_size
     if app_state["global_batch"] != global_batch:
@@ -294,28 +419,28 @@ def _fault(rank: int) -> int | None:
 
 def forward_backward(
     model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """Accumulate gradients over `accum_steps` micro-batches. Every rank divides its summed
     token losses by the labelled-token count of the whole global step, and FSDP2 sums the
     gradients: the result is the mean over all the step's tokens, independent of how the
-    step is split into micro-batches and ranks. Returns the global loss and token count."""
+    step is split into micro-batches and ranks. Returns the global loss, token count and
+    labelled-token count."""
     batches = [loader.next_batch() for _ in range(accum_steps)]
-    counts = torch.tensor(
-        [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-         sum(int(b["attention_mask"].sum()) for b in batches)],
-        dtype=torch.float64, device=device,
-    )
+    counts = torch.tensor(count_tokens(batches), dtype=torch.float64, device=device)
     all_reduce_sum_(counts)
     labelled, tokens = int(counts[0]), int(counts[1])
     num_items = torch.tensor(max(labelled, 1), device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch, num_items_in_batch=num_items)
+        out = model(**_on(model_inputs(batch), device), num_items_in_batch=num_items)
         out.loss.backward()
         loss += out.loss.detach().double()
     all_reduce_sum_(loss)
-    return loss.item(), tokens
+    return loss.item(), tokens, labelled
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -330,9 +455,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_ba
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled tokens
     for i in range(n_batches):
         batch = batches[i] if i < len(batches) else _masked(batches[0])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        out = model(**batch, num_items_in_batch=torch.tensor(max(n, 1), device=device))
+        n = count_tokens([batch])[0]
+        out = model(**_on(model_inputs(batch), device), num_items_in_batch=torch.tensor(max(n, 1), device=device))
         totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=device)
     all_reduce_sum_(totals)
     model.train()
@@ -348,7 +472,7 @@ def export(run: Run, run_dir: Path) -> None:
     (sharded tensors are gathered one at a time), rank 0 writes."""
     cfg = run.cfg
     if cfg.adapter.method == "lora" and cfg.output.save_adapter:
-        save_peft_adapter(run.model, run_dir / "adapter", cfg.adapter, cfg.model.path)
+        save_peft_adapter(run.model, run_dir / "adapter", cfg.adapter, model_reference(cfg.model))
     if cfg.output.save_merged:
         export_merged(run.model, run_dir / "merged", run.tokenizer, dtype=model_dtype(cfg.model, run.device))
 
@@ -362,12 +486,14 @@ class _Window:
     def reset(self) -> None:
         self.losses: list[float] = []
         self.tokens = 0
+        self.labelled_tokens = 0
         self.seconds = 0.0
         self.reports: list[RefactorReport] = []
         self.skipped = 0
 
     def add(self, result: StepResult, seconds: float) -> None:
         self.tokens += result.tokens
+        self.labelled_tokens += result.labelled_tokens
         self.seconds += seconds
         if result.skipped:
             self.skipped += 1
@@ -380,6 +506,7 @@ class _Window:
         out: dict[str, Any] = {
             "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
             "tokens": self.tokens,
+            "labelled_tokens": self.labelled_tokens,
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
             "step_time_s": self.seconds / max(len(self.losses) + self.skipped, 1),
         }
@@ -398,5 +525,9 @@ class _Window:
             out["scalora_reduced_bytes"] = sum(r.reduced_bytes for r in self.reports)
             out["scalora_gathered_bytes"] = sum(r.gathered_bytes for r in self.reports)
             out["scalora_collectives"] = sum(r.collectives for r in self.reports)
+            increments = sum(r.increment_norm_sq for r in self.reports)
+            if increments > 0:
+                dropped = sum(r.dropped_norm_sq for r in self.reports)
+                out["scalora_acc_dropped_fraction"] = math.sqrt(dropped / increments)
         self.reset()
         return out

@@ -1,8 +1,9 @@
 """Multi-process entry points for tests/test_checkpoint.py (real FSDP2 on gloo, CPU).
 
 `run_job(fn, world, *args)` starts `world` processes running `fn(rank, world, port, *args)`;
-each builds the tiny model the way the lead's recipe does (seeded adapters, fully_shard on
-every decoder layer and the root, lora_A sharded on dim 1).
+each builds the tiny model with the production path and FSDP2 plan (model/build.py,
+model/sharding.py: seeded adapters, fully_shard on every decoder layer and the root,
+lora_A sharded on dim 1).
 """
 
 from __future__ import annotations
@@ -62,33 +63,18 @@ def _done() -> None:
 
 
 def build_model(model_dir, *, shard: bool):
-    """Tiny llama + ScaLoRA adapters (rank 2), identical on every rank; FSDP2 if shard."""
-    from transformers import AutoModelForCausalLM
+    """Tiny llama + ScaLoRA adapters (rank 2), built by the production path
+    (model/build.py), FSDP2-sharded with the production plan (sharding.apply_fsdp) if shard."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    from scalora_dist.config import AdapterConfig
-    from scalora_dist.model.lora import inject_adapters, lora_layers
+    from scalora_dist.config import AdapterConfig, ModelConfig
+    from scalora_dist.model.build import build_model as production_build
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    torch.manual_seed(MODEL_SEED)
-    inject_adapters(model, AdapterConfig(method="scalora", rank=2))
-    if shard:
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import Shard
-
-        lora_a = {id(layer.lora_A) for layer in lora_layers(model).values()}
-        world = dist.get_world_size()
-
-        def placement(param):
-            # the lead's plan: lora_A on dim 1. FSDP2 cannot shard dim 1 unevenly, so with a
-            # world size that does not divide in_features fall back to the default (dim 0)
-            if id(param) in lora_a and param.shape[1] % world == 0:
-                return Shard(1)
-            return None
-
-        for block in model.model.layers:
-            fully_shard(block, shard_placement_fn=placement)
-        fully_shard(model, shard_placement_fn=placement)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if shard else None
+    model = production_build(
+        Path(model_dir), ModelConfig(path=str(model_dir), dtype="float32"),
+        AdapterConfig(method="scalora", rank=2), torch.device("cpu"), seed=MODEL_SEED, mesh=mesh,
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     return model, optimizer
 
@@ -100,7 +86,8 @@ def batch(vocab_size: int, seed: int, n: int = 2, length: int = 12) -> dict:
 
 
 def train(model, optimizer, steps, first_seed=0) -> None:
-    """Every rank sees the same batches, so FSDP2's averaged gradients equal one process's."""
+    """Every rank sees the same batches (the production plan sums gradients across ranks:
+    the same update direction, and AdamW is invariant to the gradient's scale)."""
     for i in range(steps):
         model(**batch(model.config.vocab_size, first_seed + i)).loss.backward()
         optimizer.step()
@@ -152,7 +139,8 @@ def main_job(rank, world, port, model_dir, ckpt_root, out_dir) -> None:
     sharded model's logits on a probe batch."""
     from transformers import AutoTokenizer
 
-    from scalora_dist.checkpoint import export_merged, latest_checkpoint, load_checkpoint, save_checkpoint
+    from scalora_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from scalora_dist.export import export_merged
 
     _init(rank, world, port)
     ckpt_root, out_dir = Path(ckpt_root), Path(out_dir)
@@ -229,7 +217,8 @@ def crash_job(rank, world, port, model_dir, ckpt_root, ref_path) -> None:
 def error_job(rank, world, port, model_dir, blocker) -> None:
     """Rank 0 cannot write (the target is a file): every rank must raise CheckpointError
     rather than wait for rank 0 at the next collective."""
-    from scalora_dist.checkpoint import CheckpointError, export_merged, save_checkpoint
+    from scalora_dist.checkpoint import CheckpointError, save_checkpoint
+    from scalora_dist.export import export_merged
 
     _init(rank, world, port)
     model, opt = build_model(model_dir, shard=True)

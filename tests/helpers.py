@@ -98,3 +98,68 @@ def assert_same_weights(a: dict, b: dict, tol: float = SAME_MODEL_TOL) -> float:
         worst = max(worst, err)
         assert err < tol, f"{k}: relative error {err:.2e}"
     return worst
+
+
+# -- the Hugging Face hub, offline -------------------------------------------------------
+
+
+def put_in_hub_cache(hf_home: str | Path, repo_id: str, source: str | Path, repo_type: str = "model",
+                     commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay `source`'s files out as huggingface_hub caches a downloaded repo
+    ($HF_HOME/hub/{models|datasets}--org--name/snapshots/<commit>/..., refs/main), so
+    HF_HUB_OFFLINE=1 resolves `repo_id` to them. Returns the snapshot directory."""
+    import shutil
+
+    repo = Path(hf_home) / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(source, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def write_dataset_repo(root: str | Path, splits: dict[str, list[dict]], shards: int = 2,
+                       configs: dict[str, dict[str, list[dict]]] | None = None) -> Path:
+    """A dataset folder as the hub stores one: Parquet shards under data/ named
+    `{split}-0000K-of-0000N.parquet` and a README whose YAML header declares the configs."""
+    root = Path(root)
+    configs = {"default": splits, **(configs or {})}
+    yaml_lines = ["---", "configs:"]
+    for name, config_splits in configs.items():
+        base = "data" if name == "default" else f"data/{name}"
+        yaml_lines += [f"- config_name: {name}", "  data_files:"]
+        for split, records in config_splits.items():
+            n = max(1, min(shards, len(records)))
+            for k in range(n):
+                part = records[k * len(records) // n : (k + 1) * len(records) // n]
+                write_parquet(root / base / f"{split}-{k:05d}-of-{n:05d}.parquet", part)
+            yaml_lines += [f"  - split: {split}", f"    path: {base}/{split}-*.parquet"]
+    (root / "README.md").write_text("\n".join(yaml_lines + ["---", "", "# A test dataset", ""]))
+    return root
+
+
+def effective_masters(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The float64 effective weight W0 + s * lora_B @ lora_A of every adapted layer (and the
+    other trained tensors as they are) from the float32 masters in a DCP checkpoint:
+    unlike the merged export, not rounded to the model dtype."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt_dir = Path(ckpt_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(ckpt_dir, Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", weights_only=False)["model"]
+    adapter = torch.load(ckpt_dir / "app_state.pt", weights_only=False)["config"]["adapter"]
+    r, alpha = adapter["rank"], adapter["alpha"]
+    scale = alpha / r**0.5 if adapter["use_rslora"] else alpha / r
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_B") or key.endswith(".lora_A") or not tensor.is_floating_point():
+            continue
+        layer = key.rsplit(".", 1)[0]
+        effective = tensor.double()
+        if f"{layer}.lora_A" in state and key.endswith(".weight"):
+            effective = effective + scale * state[f"{layer}.lora_B"].double() @ state[f"{layer}.lora_A"].double()
+        out[key] = effective
+    return out

@@ -3,12 +3,12 @@
     python -m torch.distributed.run --standalone --nproc-per-node N tests/quant_fsdp_worker.py MODEL_DIR OUT.json
 
 For each case (model dtype, placement of the codes, the param dtype FSDP2 casts to), the
-worker loads the tiny model with a 4-bit base, adapts q_proj and v_proj (so both our
-LoRALinear over a 4-bit base and bare bitsandbytes Linear4bit layers are present), notes
-every 4-bit layer's dequantised weight, wraps the model exactly as training does
-(sharding.apply_fsdp with its mixed-precision policy), runs a forward, and compares each
-4-bit layer's output with `input @ W.T` from the weight noted before wrapping, and the
-logits with those of the unwrapped model. Rank 0 writes {case: {"layers": {name: rel_err},
+worker builds the tiny model with a 4-bit base and q_proj, v_proj adapted (so both our
+LoRALinear over a 4-bit base and bare bitsandbytes Linear4bit layers are present) twice
+through the production path (model/build.py): in one process, where it notes every 4-bit
+layer's dequantised weight and the logits, and sharded over all ranks with the training
+mixed-precision policy. It compares each sharded 4-bit layer's output with `input @ W.T`
+from the unsharded weight, and the logits with the unsharded model's. Rank 0 writes {case: {"layers": {name: rel_err},
 "logits": rel_err}}.
 
 The case with `cast: float16` on a bfloat16 model is the control: a policy that casts the
@@ -23,9 +23,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from scalora_dist.config import AdapterConfig, ModelConfig
 from scalora_dist.distributed import init_distributed
-from scalora_dist.model.loading import dequantized_weight, is_quantized_linear, load_model
-from scalora_dist.model.lora import LoRALinear, inject_adapters
-from scalora_dist.model.sharding import apply_fsdp, compute_dtype
+from scalora_dist.model import build
+from scalora_dist.model.lora import LoRALinear
+from scalora_dist.model.quant import dequantized_weight, is_quantized_linear
 
 CASES = {
     "float32/sharded": ("float32", "sharded", "model"),
@@ -43,28 +43,30 @@ def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.quantized:
             out[name] = m
-        elif is_quantized_linear(m) and not name.endswith(".base"):
+        elif is_quantized_linear(m):
             out[name] = m
     return out
 
 
 def run_case(model_dir: str, dtype: str, placement: str, cast: str, ids: torch.Tensor) -> dict:
     cfg = ModelConfig(path=model_dir, dtype=dtype, load_in_4bit=True, quant_placement=placement)
-    model = load_model(cfg, "cpu")
-    inject_adapters(model, AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"]))
-    layers = quantized_layers(model)
-    weights = {
-        name: dequantized_weight(m.base if isinstance(m, LoRALinear) else m) for name, m in layers.items()
-    }
+    adapter = AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"])
+    cpu = torch.device("cpu")
+    model = build.build_model(model_dir, cfg, adapter, cpu)
+    weights = {name: dequantized_weight(m) for name, m in quantized_layers(model).items()}
     model.train()
     with torch.no_grad():
         logits_before = model(input_ids=ids).logits.float()
 
-    torch_dtype = getattr(torch, dtype)
-    param_dtype = compute_dtype(torch_dtype) if cast == "model" else getattr(torch, cast)
-    codes = {m.weight for m in model.modules() if is_quantized_linear(m)}
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    apply_fsdp(model, mesh, param_dtype=param_dtype, ignored_params=codes if placement == "replicated" else None)
+    production_policy = build.compute_dtype
+    if cast != "model":  # the control: a policy that casts the packed codes
+        build.compute_dtype = lambda _: getattr(torch, cast)
+    try:
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        model = build.build_model(model_dir, cfg, adapter, cpu, mesh=mesh)
+    finally:
+        build.compute_dtype = production_policy
+    model.train()
 
     errors: dict[str, float] = {}
 

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 import dist_checkpoint_worker as w
 from scalora_dist.checkpoint import (
     CheckpointError,
-    export_merged,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
 from scalora_dist.config import AdapterConfig
+from scalora_dist.export import export_merged
 from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap
 
 
@@ -187,8 +187,8 @@ def test_fsdp_checkpoint_loads_in_one_process(fsdp_run, tiny_llama):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_reshards_to_three_ranks(fsdp_run, tiny_llama):
-    w.run_job(w.reshard_job, 3, str(tiny_llama), str(fsdp_run["root"] / "step-00000003"),
+def test_fsdp_checkpoint_reshards_to_four_ranks(fsdp_run, tiny_llama):
+    w.run_job(w.reshard_job, 4, str(tiny_llama), str(fsdp_run["root"] / "step-00000003"),
               str(fsdp_run["out"] / "ref.pt"))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import write_json, write_jsonl, write_parquet, write_text
-from scalora_dist import data as data_mod
+from scalora_dist.data import packing as data_mod
 from scalora_dist.config import DataConfig
 from scalora_dist.data import IGNORE_INDEX, BatchLoader, DataError, load_split
 
@@ -174,37 +174,67 @@ def test_empty_texts_are_dropped(tmp_path, tok):
 # packing
 
 
-@pytest.mark.parametrize("map_batch", [1000, 3])  # 3: chunks straddle map batches
-def test_packing(tmp_path, tok, monkeypatch, map_batch):
-    monkeypatch.setattr(data_mod, "_MAP_BATCH", map_batch)
+def _examples(packed_row):
+    """Split a packed row back into its examples at the position restarts."""
+    ids, labels, pos = packed_row["input_ids"], packed_row["labels"], packed_row["position_ids"]
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+    return [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+@pytest.mark.parametrize("map_batch", [1000, 3])  # 3: rows straddle map batches
+def test_packing_keeps_whole_examples_in_order(tmp_path, tok, monkeypatch, map_batch):
+    monkeypatch.setattr(data_mod, "MAP_BATCH", map_batch)
     texts = [t + f" {i}" for i, t in enumerate(TEXTS * 6)]
     f = write_jsonl(tmp_path / f"p{map_batch}.jsonl", [{"text": t} for t in texts])
     plain = load_split(DataConfig(max_length=64), tok, [str(f)])
-    packed = load_split(DataConfig(max_length=10, packing=True), tok, [str(f)])
-    flat = [t for ids in plain["input_ids"] for t in ids]
-    assert all(len(ids) == 10 for ids in packed["input_ids"])
-    assert len(packed) == len(flat) // 10
-    assert [t for ids in packed["input_ids"] for t in ids] == flat[: len(packed) * 10]
-    assert packed.column_names == ["input_ids", "labels"]
+    packed = load_split(DataConfig(max_length=40, packing=True), tok, [str(f)])
+    assert packed.column_names == ["input_ids", "labels", "position_ids"]
+    assert all(len(ids) <= 40 for ids in packed["input_ids"])
+    assert len(packed) < len(plain)  # several examples share a row
+    examples = [e for row in packed for e in _examples(row)]
+    # every example whole, in file order, its first token no target (as unpacked: labels shift)
+    assert [ids for ids, _ in examples] == plain["input_ids"]
+    assert [labels for _, labels in examples] == [[IGNORE_INDEX] + y[1:] for y in plain["labels"]]
+    assert all(row["position_ids"] == [p for ids, _ in _examples(row) for p in range(len(ids))] for row in packed)
+    # next-fit: a row ends only where the next example would not fit
+    lengths = [[len(ids) for ids, _ in _examples(row)] for row in packed]
+    assert all(sum(row) + nxt[0] > 40 for row, nxt in zip(lengths, lengths[1:]))
 
 
-def test_packing_keeps_label_masks(tmp_path, tok):
+def test_packing_keeps_label_masks_and_splits_long_examples(tmp_path, tok):
     recs = [{"prompt": f"Question {i}:", "response": f" answer {i}."} for i in range(12)]
     f = write_jsonl(tmp_path / "i.jsonl", recs)
     plain = load_split(DataConfig(format="instruction"), tok, [str(f)])
-    packed = load_split(DataConfig(format="instruction", max_length=7, packing=True), tok, [str(f)])
-    flat_ids = [t for x in plain["input_ids"] for t in x]
-    flat_labels = [t for y in plain["labels"] for t in y]
-    chunks = [(flat_ids[i : i + 7], flat_labels[i : i + 7]) for i in range(0, len(flat_ids) - 6, 7)]
-    expected = [c for c in chunks if any(y != IGNORE_INDEX for y in c[1])]
-    assert len(expected) < len(chunks)  # some all-prompt chunks are dropped
-    assert rows(packed) == expected
+    packed = load_split(DataConfig(format="instruction", max_length=32, packing=True), tok, [str(f)])
+    examples = [e for row in packed for e in _examples(row)]
+    assert [labels for _, labels in examples] == [[IGNORE_INDEX] + y[1:] for y in plain["labels"]]
+    # an example longer than max_length is cut into pieces, each on its own positions
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(TEXTS * 3)}, {"text": "Hi."}])
+    whole = load_split(DataConfig(max_length=512), tok, [str(long)])["input_ids"]
+    rows = load_split(DataConfig(max_length=16, packing=True), tok, [str(long)])
+    pieces = [ids for row in rows for ids, _ in _examples(row)]
+    assert all(len(p) <= 16 for p in pieces) and len(pieces) > 3
+    assert [t for p in pieces for t in p] == whole[0] + whole[1]  # nothing lost
 
 
-def test_packing_needs_enough_tokens(tmp_path, tok):
+def test_packing_a_few_tokens_is_one_short_row(tmp_path, tok):
     f = write_jsonl(tmp_path / "small.jsonl", [{"text": "Hi."}])
-    with pytest.raises(DataError, match=r"small\.jsonl: only \d+ tokens"):
-        load_split(DataConfig(max_length=64, packing=True), tok, [str(f)])
+    packed = load_split(DataConfig(max_length=64, packing=True), tok, [str(f)])
+    assert len(packed) == 1 and len(packed[0]["input_ids"]) < 64
+
+
+def test_packed_batches_carry_positions_and_no_attention_for_the_model(tmp_path, tok):
+    from scalora_dist.data import count_tokens, model_inputs
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in TEXTS])
+    packed = load_split(DataConfig(max_length=24, packing=True), tok, [str(f)])
+    batch = BatchLoader(packed, 2, tok.pad_token_id, shuffle=False).next_batch()
+    inputs = model_inputs(batch)
+    assert "attention_mask" not in inputs and inputs["position_ids"].shape == batch["input_ids"].shape
+    lengths = [len(packed[i]["input_ids"]) for i in range(2)]
+    for row, n in zip(inputs["position_ids"], lengths):  # padding is a sequence of its own
+        assert row[n:].tolist() == list(range(len(row) - n))
+    assert count_tokens([batch])[1] == sum(lengths)
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,7 +377,8 @@ def test_missing_and_mismatched_files(tmp_path, tok):
     expect_error(DataConfig(), tok, [tmp_path / "nope.jsonl"], r"nope\.jsonl: file not found")
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     b = write_text(tmp_path / "b.txt", ["x"])
-    expect_error(DataConfig(), tok, [a, b], r"same type.*a\.jsonl \(json\).*b\.txt \(text\)")
+    mixed = load_split(DataConfig(), tok, [str(a), str(b)])  # files of several types, in order
+    assert len(mixed) == 2
     c = write_text(tmp_path / "c.csv", ["text", "x"])
     expect_error(DataConfig(), tok, [c], r"c\.csv: unsupported file type '\.csv'")
     expect_error(DataConfig(format="chat"), tok, [b], r"b\.txt: plain-text files only support")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from scalora_dist.config import AdapterConfig, ConfigError, ScaLoRAConfig
-from scalora_dist.model.lora import LoRALinear, find_target_linears, frozen_linear, inject_adapters, lora_layers
+from scalora_dist.model.lora import add_lora, find_target_linears, frozen_linear, inject_adapters, lora_layers
 from scalora_dist.scalora import math as sm
 from scalora_dist.scalora.refactor import ScaLoRA
 
@@ -53,7 +53,7 @@ def test_rewrite_keeps_outputs_grads_and_adam_direction(tiny_llama):
          opt.state[l.lora_B]["exp_avg"] / opt.state[l.lora_B]["exp_avg_sq"].sqrt())
         for l in layers
     ]
-    effective_before = [l.base.weight + l.delta_weight() for l in layers]
+    effective_before = [l.weight + l.delta_weight() for l in layers]
 
     report = ScaLoRA(ScaLoRAConfig(kappa="auto"), layers, opt).refactor()
     assert report.column + report.scalar > 0, "the refactor must actually rescale some layers"
@@ -64,7 +64,7 @@ def test_rewrite_keeps_outputs_grads_and_adam_direction(tiny_llama):
         logits_after = model(**probe).logits
     torch.testing.assert_close(logits_after, logits_before, rtol=1e-4, atol=1e-5)
     for l, w in zip(layers, effective_before):
-        torch.testing.assert_close(l.base.weight + l.delta_weight(), w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(l.weight + l.delta_weight(), w, rtol=1e-5, atol=1e-6)
     # 2. the rescaled gradients are autograd's gradients of the rescaled parameters
     rescaled = [(l.lora_A.grad.clone(), l.lora_B.grad.clone()) for l in layers]
     model.zero_grad()
@@ -110,15 +110,15 @@ def test_unit_scales_reproduce_plain_lora_exactly(tiny_llama):
 
 def test_lora_training_never_changes_base_weights(tiny_llama):
     model = _adapted(tiny_llama, method="lora")
-    base = {n: l.base.weight.detach().clone() for n, l in lora_layers(model).items()}
+    base = {n: l.weight.detach().clone() for n, l in lora_layers(model).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):
         model(**_batch(model, seed=step)).loss.backward()
         opt.step()
         opt.zero_grad()
     for n, l in lora_layers(model).items():
-        assert torch.equal(l.base.weight, base[n]), n
-        assert not l.base.weight.requires_grad
+        assert torch.equal(l.weight, base[n]), n
+        assert not l.weight.requires_grad
     assert any(l.lora_B.abs().sum() > 0 for l in lora_layers(model).values())
 
 
@@ -126,12 +126,12 @@ def test_scalora_base_weights_are_float32_and_lora_keeps_load_dtype(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     inject_adapters(model, AdapterConfig(method="scalora", rank=2))
     for l in lora_layers(model).values():
-        assert l.base.weight.dtype == torch.float32 and l.lora_A.dtype == torch.float32
+        assert l.weight.dtype == torch.float32 and l.lora_A.dtype == torch.float32
     ids = _batch(model)["input_ids"]
     assert model(input_ids=ids).logits.dtype == torch.bfloat16  # compute stays in the model dtype
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     inject_adapters(model, AdapterConfig(method="lora", rank=2))
-    assert all(l.base.weight.dtype == torch.bfloat16 for l in lora_layers(model).values())
+    assert all(l.weight.dtype == torch.bfloat16 for l in lora_layers(model).values())
 
 
 def test_rslora_scale(tiny_llama):
@@ -165,7 +165,7 @@ def test_full_method_trains_target_weights_only(tiny_llama):
 def test_layer_forward_matches_dense_weight():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
-    layer = LoRALinear(copy.deepcopy(base), rank=3, alpha=6.0, use_rslora=False, dropout=0.0)
+    layer = add_lora(copy.deepcopy(base), rank=3, alpha=6.0, use_rslora=False, dropout=0.0)
     torch.nn.init.normal_(layer.lora_A)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 12)

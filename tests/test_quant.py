@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 pytest.importorskip("bitsandbytes")
 
 from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig, load_config  # noqa: E402
-from scalora_dist.model.loading import dequantized_weight, is_quantized_linear, load_model  # noqa: E402
-from scalora_dist.model.lora import inject_adapters, lora_layers  # noqa: E402
+from scalora_dist.model.build import build_model  # noqa: E402
+from scalora_dist.model.lora import lora_layers  # noqa: E402
+from scalora_dist.model.quant import dequantized_weight, is_quantized_linear  # noqa: E402
 from scalora_dist.scalora.math import accumulate_low_rank, accumulator_grams, left_gram_for  # noqa: E402
 from scalora_dist.train import export, setup, train_step  # noqa: E402
 
@@ -36,8 +37,17 @@ def _ids():
     return torch.arange(12).view(1, 12) + 20
 
 
+def _bnb_config(dtype=torch.float32):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+    )
+
+
 def test_load_in_4bit_quantises_every_linear_but_the_head(tiny_llama):
-    model = load_model(ModelConfig(path=str(tiny_llama), load_in_4bit=True))
+    model = build_model(tiny_llama, ModelConfig(path=str(tiny_llama), load_in_4bit=True), None, torch.device("cpu"))
     quantized = [n for n, m in model.named_modules() if is_quantized_linear(m)]
     assert len(quantized) == 7 * model.config.num_hidden_layers
     assert not is_quantized_linear(model.lm_head)
@@ -50,17 +60,23 @@ def test_load_in_4bit_quantises_every_linear_but_the_head(tiny_llama):
         torch.testing.assert_close(layer(x), x @ w.T)
     model.train()
     torch.testing.assert_close(layer(x), x @ w.T)
+    # the codes and block scales are bit for bit those of transformers' own 4-bit loading
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=_bnb_config(), device_map={"": "cpu"})
+    for name in quantized:
+        ours, theirs = model.get_submodule(name), reference.get_submodule(name)
+        assert torch.equal(ours.weight.data.view(torch.int32), theirs.weight.data.view(torch.int32)), name
+        assert torch.equal(dequantized_weight(ours), dequantized_weight(theirs)), name
 
 
 def test_scalora_on_4bit_base_keeps_codes_and_accumulates_the_update(tiny_llama, tmp_path):
     run = setup(_config(tiny_llama, tmp_path, "adapter.scalora.accumulator_rank=16", "train.max_steps=8"))
     layers = lora_layers(run.model)
     # packed codes in bf16-typed storage: compare the bits (some patterns read as NaN)
-    codes = {n: l.base.weight.data.view(torch.int16).clone() for n, l in layers.items()}
+    codes = {n: l.weight.data.view(torch.int16).clone() for n, l in layers.items()}
     reports = [train_step(run, step).report for step in range(8)]
     assert sum(r.column + r.scalar for r in reports if r) > 0
     for n, l in layers.items():
-        assert torch.equal(l.base.weight.data.view(torch.int16), codes[n]), "4-bit codes must not change"
+        assert torch.equal(l.weight.data.view(torch.int16), codes[n]), "4-bit codes must not change"
     acc = {n: l.acc_U @ l.acc_V.T for n, l in layers.items()}
     ranks = [int((torch.linalg.svdvals(a) > 1e-6 * torch.linalg.svdvals(a)[0]).sum()) for a in acc.values()]
     assert max(ranks) > 2, "the accumulated update must exceed the adapter's rank"
@@ -83,8 +99,6 @@ def test_scalora_4bit_export_is_the_trained_model_in_full_precision(tiny_llama, 
 def test_lora_on_4bit_base_exports_a_peft_adapter_for_the_same_4bit_base(tiny_llama, tmp_path):
     from peft import PeftModel
 
-    from scalora_dist.model.loading import model_dtype, quantization_config
-
     cfg = _config(tiny_llama, tmp_path, "adapter.method=lora")
     run = setup(cfg)
     for step in range(6):
@@ -93,8 +107,7 @@ def test_lora_on_4bit_base_exports_a_peft_adapter_for_the_same_4bit_base(tiny_ll
         expected = run.model(input_ids=_ids()).logits
     export(run, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, quantization_config=quantization_config(cfg.model, model_dtype(cfg.model)),
-        device_map={"": "cpu"},
+        tiny_llama, quantization_config=_bnb_config(), device_map={"": "cpu"},
     )
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     peft_model.train()  # the training-mode 4-bit kernel, as in `expected`
@@ -164,11 +177,6 @@ def test_naive_requantisation_loses_the_update_that_the_accumulator_keeps():
 def test_4bit_errors(tiny_llama, tmp_path):
     with pytest.raises(ConfigError, match="full fine-tuning cannot train a 4-bit base"):
         _config(tiny_llama, tmp_path, "adapter.method=full")
-    model = load_model(ModelConfig(path=str(tiny_llama), load_in_4bit=True))
-    layer = model.model.layers[0].self_attn.v_proj  # as if bitsandbytes had skipped it
-    model.model.layers[0].self_attn.v_proj = torch.nn.Linear(layer.in_features, layer.out_features)
-    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.v_proj \(Linear\) was not quantised"):
-        inject_adapters(model, AdapterConfig(method="lora", rank=2))
     hide = "import sys; sys.modules['bitsandbytes'] = None; from scalora_dist.cli import app; app()"
     proc = subprocess.run(
         [sys.executable, "-c", hide, "train", "configs/quickstart.yaml", f"model.path={tiny_llama}",

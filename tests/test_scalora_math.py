@@ -450,3 +450,72 @@ def test_non_positive_kappa_is_a_caller_error():
     for kappa in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError):
             solve_scales(z, z, kappa)
+
+
+from scalora_dist.scalora import math as sm  # noqa: E402
+
+
+def test_batched_solve_equals_the_per_layer_solve_bit_for_bit():
+    """solve_scales_batch (all layers of a rank in one eigendecomposition and solve) against
+    solve_scales one layer at a time, on random layers that take all three outcomes."""
+    Ps, Qs = [], []
+    for seed in range(80):  # small layers: many negative column optima (scalar or skipped)
+        _, lora_A, lora_B, G = make_layer(8, 6, 4, seed)
+        gA, gB = lora_grads(G, lora_A, lora_B, 2.0)
+        if seed % 9 == 4:
+            lora_B = torch.zeros_like(lora_B)
+        if seed % 13 == 6:
+            gB[0, 0] = float("inf")
+        P, Q = lora_grams(lora_A, gA, lora_B, gB, 2.0)
+        Ps.append(P)
+        Qs.append(Q)
+    batch = sm.solve_scales_batch(torch.stack(Ps), torch.stack(Qs), 1.3)
+    single = [sm.solve_scales(P, Q, 1.3) for P, Q in zip(Ps, Qs)]
+    assert {s.kind for s in single} == {sm.COLUMN, sm.SCALAR, sm.SKIPPED}
+    for b, s in zip(batch, single):
+        assert b.kind == s.kind and torch.equal(b.alpha, s.alpha) and torch.equal(b.beta, s.beta)
+
+
+def test_batched_refactor_of_a_real_model_equals_the_layer_by_layer_rewrite(tiny_llama):
+    """ScaLoRA.refactor (statistics in one buffer, systems solved together, one copy of the
+    scales) leaves exactly the weights, factors, gradients and moments that solving and
+    rewriting one layer at a time leaves."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from scalora_dist.config import AdapterConfig, ScaLoRAConfig
+    from scalora_dist.model.lora import inject_adapters, lora_layers
+    from scalora_dist.scalora.refactor import ScaLoRA
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    inject_adapters(model, AdapterConfig(method="scalora", rank=4, alpha=8.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
+    twin_opt.load_state_dict(opt.state_dict())
+    for m in (model, twin):  # the same gradients on both
+        m(input_ids=ids, labels=ids).loss.backward()
+    report = ScaLoRA(ScaLoRAConfig(kappa=0.5), list(lora_layers(model).values()), opt).refactor()
+    by_layer = ScaLoRA(ScaLoRAConfig(kappa=0.5), list(lora_layers(twin).values()), twin_opt)
+    kinds = {sm.COLUMN: 0, sm.SCALAR: 0, sm.SKIPPED: 0}
+    for layer in by_layer.layers:
+        P, Q = by_layer._layer_statistics(layer)
+        scales = sm.solve_scales(P, Q, 0.5)
+        kinds[scales.kind] += 1
+        if scales.kind != sm.SKIPPED:
+            by_layer._rewrite(layer, scales)
+    assert (report.column, report.scalar, report.skipped) == (kinds[sm.COLUMN], kinds[sm.SCALAR], kinds[sm.SKIPPED])
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), name
+    for pa, pb in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[pa][key], twin_opt.state[pb][key])

@@ -59,7 +59,7 @@ def test_rendered_script_has_what_a_slurm_user_expects():
         "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=32", "#SBATCH --mem=200G",
         "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
         "#SBATCH --chdir=/proj", "#SBATCH --output=/runs/x/slurm-%j.out", "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
+        "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@300",
     ]
     assert not any("$" in l for l in sbatch)  # sbatch does not expand variables there
     first_command = next(i for i, l in enumerate(script.splitlines()) if l and not l.startswith("#"))
@@ -159,12 +159,12 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert err < TOL, f"{k}: relative error {err:.2e}"
 
 
-def _submit(cluster, out: Path, tiny_llama, *slurm_args, env=None) -> str:
+def _submit(cluster, out: Path, tiny_llama, *slurm_args, env=None, overrides=(), time_limit="00:05:00") -> str:
     """Generate the job script with `scalora-dist slurm` and submit it with the command
     itself (sbatch inside the controller's namespace); returns the job id."""
     prefix = cluster.client_cmd([])
     proc = _cli("slurm", "configs/quickstart.yaml", f"model.path={tiny_llama}", f"output.dir={out}", *TINY,
-                "--nodes", "2", "--gpus-per-node", "2", "--no-request-gpus", "--time", "00:05:00",
+                *overrides, "--nodes", "2", "--gpus-per-node", "2", "--no-request-gpus", "--time", time_limit,
                 *slurm_args, env={"SLURM_CONF": str(cluster.conf), **(env or {})}, prefix=prefix)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.search(r"submitted batch job (\d+)", proc.stdout)
@@ -291,3 +291,86 @@ def test_localhost_rendezvous_on_two_nodes_fails_fast_with_a_clear_error(cluster
     assert elapsed < 120, f"took {elapsed:.0f} s"  # well before the 3-minute time limit
     assert not (out / "merged").exists()
     print(f"loopback MASTER_ADDR refused in {guard_s:.0f} s; localhost endpoint failed in {elapsed:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# Time limits and preemption: checkpoint on the signal, requeue, resume
+
+#: A longer run for the stop-and-requeue jobs: 40 steps, a checkpoint every 10.
+LONG = ["train.max_steps=40", "train.save_every=10", "train.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def reference_long(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref4long")
+    proc = _cli("train", "configs/quickstart.yaml", "--quiet", f"model.path={tiny_llama}",
+                f"output.dir={out}", *TINY, *LONG, "--nproc-per-node", "4", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return load_file(str(out / "merged/model.safetensors"))
+
+
+def _records(out: Path) -> list[dict]:
+    import json
+
+    path = out / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+
+
+def _wait_until(condition, cluster, job, out, timeout=300, what="") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        cluster.hurry_requeued(job)
+        state = cluster.state(job)
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING", "REQUEUE_FED"):
+            pytest.fail(f"job ended ({state}) before {what}\n{_log(out, job)[-4000:]}")
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s\n{_log(out, job)[-4000:]}"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_usr1_and_scontrol_requeue_checkpoint_requeue_and_end_with_the_uninterrupted_result(
+    cluster, tiny_llama, reference_long, tmp_path
+):
+    """`scancel --signal=USR1` (the signal the script's `#SBATCH --signal=USR1@MARGIN` has
+    SLURM send before the time limit; waiting for a real limit costs minutes, since SLURM
+    checks it once a minute), then `scontrol requeue` (SIGTERM to every process, as a
+    preemption): every rank on both nodes finishes its step, one checkpoint is written, the
+    job requeues itself or is requeued, and resumes; the third start finishes with the
+    uninterrupted model."""
+    out = tmp_path / "run"
+    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", overrides=LONG)
+    _wait_until(lambda: len(_records(out)) >= 3, cluster, job, out, what="training")
+    cluster.client(["scancel", "--signal=USR1", job])
+    _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, what="a requeue after SIGUSR1")
+    first_stop = re.search(r"stopped at step (\d+) on SIGUSR1", _log(out, job))
+    assert first_stop, _log(out, job)[-4000:]
+    stop_step = int(first_stop.group(1))
+    _wait_until(lambda: any(r["step"] > stop_step + 2 for r in _records(out)), cluster, job, out,
+                what="progress after the requeue")
+    cluster.client(["scontrol", "requeue", job])
+    state = cluster.wait(job, timeout=400)
+    log = _log(out, job)
+    assert state == "COMPLETED", f"{state}\n{log[-6000:]}\n{cluster.logs()}"
+    assert "restart count 2" in log and log.count("stopped after a checkpoint") >= 1, log[-6000:]
+    assert re.search(rf"resumed from \S*/checkpoints/step-{stop_step:08d}", log), log[-6000:]
+    assert "done: 40 steps" in log
+    _assert_same_weights(reference_long, load_file(str(out / "merged/model.safetensors")))
+
+
+@pytest.mark.slow
+def test_a_job_killed_before_it_can_save_stops_requeueing(cluster, tiny_llama, tmp_path):
+    """Every save takes longer than KillWait (SCALORA_DIST_SLOW_SAVE): `scontrol requeue`
+    kills the job mid-save, SLURM requeues it, and the next start, finding no newer
+    checkpoint than at its previous start, refuses to train again (--max-requeues 1)."""
+    out = tmp_path / "run"
+    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "no-progress",
+                  "--max-requeues", "1", env={"SCALORA_DIST_SLOW_SAVE": "120"})
+    _wait_until(lambda: (out / "checkpoints" / ".tmp-step-00000002").is_dir(), cluster, job, out,
+                what="the first save")
+    cluster.client(["scontrol", "requeue", job])
+    state = cluster.wait(job, timeout=300)
+    log = _log(out, job)
+    assert state == "FAILED", f"{state}\n{log[-6000:]}"
+    assert "restart count 1" in log, log[-4000:]
+    assert "not training again: this job has been requeued 1 times in a row without a new checkpoint" in log
+    assert not (out / "checkpoints" / "step-00000002").exists()

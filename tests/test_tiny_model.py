@@ -43,7 +43,7 @@ def test_arch_builds_reloads_and_runs(tiny_model, arch):
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    config = model.config
+    config = model.config.get_text_config()  # the language model's (Gemma-3 multimodal nests it)
 
     assert config.vocab_size == len(tok) == 512
     assert config.hidden_size == 64 and config.num_hidden_layers == 2

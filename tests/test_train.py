@@ -104,11 +104,11 @@ def _update_rank(method, model_dir, tmp_path, steps=30, rank=2):
                   "train.lr=2e-2")
     run = setup(cfg)
     (layer,) = lora_layers(run.model).values()
-    initial = layer.base.weight.detach().double().clone()
+    initial = layer.weight.detach().double().clone()
     for step in range(steps):
         train_step(run, step)
     delta = (layer.lora_B.double() @ layer.lora_A.double()) * layer.scale
-    update = layer.base.weight.double() + delta - initial
+    update = layer.weight.double() + delta - initial
     s = torch.linalg.svdvals(update)
     return int((s > s[0] * 1e-6).sum()), run
 
@@ -205,9 +205,11 @@ def test_resume_auto_starts_fresh_then_continues(tiny_llama, tmp_path):
                   "output.save_merged=false")
     result = train(cfg, show_progress=False, resume="auto")  # nothing to resume: fresh start
     assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    result = train(cfg, show_progress=False, resume="auto")  # a restarted finished job: nothing to do
+    assert result.nothing_to_do and result.first_step == 4
     cfg = _config(tiny_llama, tmp_path, "train.max_steps=6", "train.save_every=2",
                   "output.save_merged=false")
-    result = train(cfg, show_progress=False, resume="auto")
+    result = train(cfg, show_progress=False, resume="auto", extend=True)  # a longer schedule: asked for
     assert [r["step"] for r in result.history] == [5, 6]
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -121,7 +121,7 @@ def real_increments(steps: int, rank: int, layer: str, hidden: int = 256, seed: 
         out, previous = [], None
         for step in range(steps + 10):
             train_step(run, step)
-            w = target.base.weight.detach().double().clone()
+            w = target.weight.detach().double().clone()
             if previous is not None and step >= cfg.adapter.scalora.warmup_steps:
                 inc = w - previous
                 u, s_, vh = torch.linalg.svd(inc)

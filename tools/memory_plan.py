@@ -83,7 +83,7 @@ class Shape:
     """The dimensions of a decoder-only model (Llama-style projections)."""
 
     name: str
-    arch: str  # "gemma3" or "mistral": which transformers decoder layer the measurement builds
+    arch: str  # gemma3, llama, mistral or qwen3: which transformers decoder layer the measurement builds
     layers: int
     hidden: int
     intermediate: int
@@ -103,9 +103,12 @@ class Shape:
         return sum(m * n for m, n in self.projections().values())
 
     def norm_params(self) -> int:
-        """Per layer: Gemma 3 has four hidden-size norms plus q/k norms over head_dim."""
+        """Per layer: Gemma 3 has four hidden-size norms plus q/k norms over head_dim, Qwen3
+        two plus the q/k norms."""
         if self.arch == "gemma3":
             return 4 * self.hidden + 2 * self.head_dim
+        if self.arch == "qwen3":
+            return 2 * self.hidden + 2 * self.head_dim
         return 2 * self.hidden
 
     def root_params(self) -> int:
@@ -120,6 +123,12 @@ class Shape:
 SHAPES = {
     "gemma3-12b": Shape("gemma3-12b", "gemma3", layers=48, hidden=3840, intermediate=15360, heads=16,
                         kv_heads=8, head_dim=256, vocab=262144, tied=True),
+    "llama3.1-8b": Shape("llama3.1-8b", "llama", layers=32, hidden=4096, intermediate=14336, heads=32,
+                         kv_heads=8, head_dim=128, vocab=128256, tied=False),
+    "qwen3-8b": Shape("qwen3-8b", "qwen3", layers=36, hidden=4096, intermediate=12288, heads=32,
+                      kv_heads=8, head_dim=128, vocab=151936, tied=False),
+    "mistral-7b": Shape("mistral-7b", "mistral", layers=32, hidden=4096, intermediate=14336, heads=32,
+                        kv_heads=8, head_dim=128, vocab=32768, tied=False),
     "mistral-nemo-12b": Shape("mistral-nemo-12b", "mistral", layers=40, hidden=5120, intermediate=14336,
                               heads=32, kv_heads=8, head_dim=128, vocab=131072, tied=False),
 }
@@ -221,7 +230,7 @@ def formula_layer_activations(shape: Shape, rank: int) -> LayerActivations:
     norm = FP32 * h + FP32  # RMSNorm upcasts its input to float32 and saves it + 1/rms per token
     hidden_norms = 4 if shape.arch == "gemma3" else 2
     per_token = hidden_norms * norm
-    if shape.arch == "gemma3":  # q_norm / k_norm over each head, in float32 too
+    if shape.arch in ("gemma3", "qwen3"):  # q_norm / k_norm over each head, in float32 too
         per_token += FP32 * (q + kv) + FP32 * (shape.heads + shape.kv_heads)
     per_token += 2 * BF16 * h  # the normed inputs of attention and MLP (shared by q/k/v, gate/up)
     per_token += BF16 * (q + 2 * kv)  # rotated q, k and v handed to SDPA
@@ -302,16 +311,21 @@ def scalora_extra_bytes(shape: Shape, base: str, rank: int, acc_rank: int, gpus:
                         checkpointing: bool) -> float:
     """What ScaLoRA holds beyond LoRA besides the float32 masters counted in the base.
 
-    nf4: the float32 accumulators (sharded). bf16 on several GPUs: each layer keeps a float32
-    copy of the full lora_A that FSDP2 gathered for the forward (the merge needs it; not
-    sharded). On one GPU nothing more: the forward casts the float32 masters (bf16 base) or
-    accumulators (nf4) to the bf16 compute dtype, but lora.frozen_linear saves the float32
-    tensor itself for the backward, not the cast copy (`checkpointing` does not matter)."""
+    nf4: the float32 accumulators (sharded). bf16: nothing at the activation peak. The
+    forward casts the float32 masters to the bf16 compute dtype, but lora.frozen_linear
+    saves the float32 tensor itself for the backward, not the cast copy (`checkpointing`
+    does not matter); on several GPUs the merges' float32 lora_A travels in the refactor's
+    all-reduce buffer, which exists only after the backward (refactor_buffer_bytes)."""
     if base == "nf4":
         return shape.layers * accumulator_bytes(shape, acc_rank) / gpus
-    if gpus > 1:
-        return shape.layers * sum(rank * n * FP32 for _, n in shape.projections().values())
     return 0.0
+
+
+def refactor_buffer_bytes(shape: Shape, rank: int) -> float:
+    """The refactor's one all-reduce buffer on several GPUs with bf16 compute: every layer's
+    whole lora_A in float64 (the statistics beside it are a few KiB). It lives between the
+    backward and the optimizer step, when the activations are gone."""
+    return shape.layers * sum(rank * n * 8 for _, n in shape.projections().values())
 
 
 def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank: int, gpus: int,
@@ -388,19 +402,22 @@ class LayerMeasurement:
 
 def layer_config(shape: Shape, layers: int):
     """A transformers config of the shape's architecture with `layers` decoder layers."""
-    from transformers import Gemma3TextConfig, MistralConfig
+    import transformers
 
     common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                   num_hidden_layers=layers, num_attention_heads=shape.heads,
                   num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim)
     if shape.arch == "gemma3":
-        config = Gemma3TextConfig(query_pre_attn_scalar=shape.head_dim, **common)
+        config = transformers.Gemma3TextConfig(query_pre_attn_scalar=shape.head_dim, **common)
     else:
-        config = MistralConfig(**common)
+        config = getattr(transformers, f"{LAYER_CLASSES[shape.arch]}Config")(**common)
     # The attention modules read this at call time; unset, transformers falls back to eager
     # attention, which stores the s x s probabilities.
     config._attn_implementation = "sdpa"
     return config
+
+
+LAYER_CLASSES = {"gemma3": "Gemma3", "llama": "Llama", "mistral": "Mistral", "qwen3": "Qwen3"}
 
 
 class DecoderStack(nn.Module):
@@ -410,12 +427,11 @@ class DecoderStack(nn.Module):
     def __init__(self, shape: Shape, layers: int):
         super().__init__()
         self.config = layer_config(shape, layers)
-        if shape.arch == "gemma3":
-            from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer as Layer
-            from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding as Rotary
-        else:
-            from transformers.models.mistral.modeling_mistral import MistralDecoderLayer as Layer
-            from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding as Rotary
+        import importlib
+
+        prefix = LAYER_CLASSES[shape.arch]
+        modeling = importlib.import_module(f"transformers.models.{shape.arch}.modeling_{shape.arch}")
+        Layer, Rotary = getattr(modeling, f"{prefix}DecoderLayer"), getattr(modeling, f"{prefix}RotaryEmbedding")
         self.arch = shape.arch
         self.rotary = Rotary(self.config)
         self.layers = nn.ModuleList(Layer(self.config, layer_idx=i) for i in range(layers))
@@ -707,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(plan_table(rows, unit))
     print()
-    print(legend(shape, act, args.checkpointing, unit, unit_name))
+    print(legend(shape, act, args.checkpointing, unit, unit_name, rank=args.rank))
     if args.optimizer != "adamw":
         print(f"* optimizer: {args.optimizer} on one GPU only; the multi-GPU rows use AdamW (float32, "
               "sharded), the only optimizer our FSDP2 path accepts (scalora_dist/optim.py).")
@@ -724,7 +740,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(measured_table(shape, args.rank, args.optimizer, measured))
 
 
-def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB, unit_name: str = "GiB") -> str:
+def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB, unit_name: str = "GiB",
+           rank: int = 16) -> str:
     def g(x: float) -> str:
         return gib(x, unit)
 
@@ -739,9 +756,11 @@ def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB,
           " its float32 gradient in and out) and is not sharded by FSDP2.",
         "frozen base: bf16 / float32 masters (scalora on bf16) / NF4 codes + QuantState, plus bf16 embeddings "
         "and norms, all sharded except NF4 QuantState (always whole) and `replicated` codes.",
-        "ScaLoRA extra: nf4, the float32 rank-R accumulators (sharded); bf16 on several GPUs, the float32 "
-        "full lora_A each layer captures for the merge (not sharded). No bf16 compute copies of the float32 "
-        "masters or accumulators are saved for the backward (lora.frozen_linear saves the float32 tensor itself).",
+        "ScaLoRA extra: nf4, the float32 rank-R accumulators (sharded). No bf16 compute copies of the float32 "
+        "masters or accumulators are saved for the backward (lora.frozen_linear saves the float32 tensor itself). "
+        f"bf16 on several GPUs: the refactor's all-reduce buffer, every layer's lora_A in float64 "
+        f"({g(refactor_buffer_bytes(shape, rank))} {unit_name}), exists only between the backward and the "
+        "optimizer step, when the activations are freed, so it is not at the peak.",
         f"FSDP working set: 2 decoder blocks all-gathered in bf16 (codes packed; `replicated` codes not "
         f"gathered) + one block's float32 adapter gradients + the root group (embeddings"
         f"{'' if shape.tied else ', lm_head'}, final norm: {g(shape.root_params() * BF16)} {unit_name}), which FSDP2 "

@@ -21,7 +21,7 @@ lora_A, lora_A.grad, lora_B, lora_B.grad and the layer scale) and records:
 - sub-systems of k random column pairs of the same layer (k = 4, 8): does the positivity rate
   depend on how many coefficients there are rather than on the r=16 training state?
 
-`--solver` replaces scalora_dist.scalora.math.solve_scales INSIDE THIS PROCESS ONLY (the
+`--solver` replaces scalora_dist.scalora.math.solve_scales_batch INSIDE THIS PROCESS ONLY (the
 product code is not changed): `nnls` / `nnls_floor` keep the product's column solution where
 it exists and use the (floored) NNLS optimum where it does not.
 
@@ -374,17 +374,19 @@ def run(args) -> Path:
     if run_.scalora is not None:
         assert [id(l) for l in run_.scalora.layers] == [id(l) for l in layers]
 
-    # Record what the real solve_scales (or the replacement) returns, call by call.
-    product_solve = sm.solve_scales
+    # Record what the real solver (or the replacement) returns, layer by layer. The refactor
+    # solves every layer of a rank at once (sm.solve_scales_batch, bit for bit solve_scales
+    # per layer), so that is what is replaced, here only.
+    product_solve = sm.solve_scales_batch
     real_solve = sm.solve_scales if args.solver == "default" else make_solver(args.solver, args.tau)
     calls: list[tuple[torch.Tensor, torch.Tensor, str]] = []
 
     def recording_solve(P, Q, kappa, **kw):
-        res = real_solve(P, Q, kappa, **kw)
-        calls.append((P, Q, res.kind))
-        return res
+        results = [real_solve(p, q, kappa, **kw) for p, q in zip(P, Q)]
+        calls.extend((p, q, res.kind) for p, q, res in zip(P, Q, results))
+        return results
 
-    sm.solve_scales = recording_solve  # refactor.py calls sm.solve_scales: patched here only
+    sm.solve_scales_batch = recording_solve
     records: list[dict] = []
     gen = torch.Generator().manual_seed(1234)
     original_refactor = run_.scalora.refactor if run_.scalora is not None else None
@@ -456,7 +458,7 @@ def run(args) -> Path:
             print(f"step {step + 1}: train {res.loss:.4f} held-out {curve[-1][1]:.4f} "
                   f"({time.perf_counter() - started:.0f}s)", flush=True)
     wall = time.perf_counter() - started
-    sm.solve_scales = product_solve
+    sm.solve_scales_batch = product_solve
     if args.solver == "default" and run_.scalora is not None:
         mism = sum(r["kind_predicted"] != r["kind_actual"] for r in records)
         print(f"branch replay: {mism} mismatches in {len(records)} layer-refactors")

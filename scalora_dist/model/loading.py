@@ -1,15 +1,35 @@
-"""Loading a local transformers checkpoint (never a hub download)."""
+"""Reading a transformers checkpoint into a model built on the meta device.
+
+Names: a checkpoint stores tensors under its own names (Gemma-3's multimodal checkpoints
+say `language_model.model.layers.0...` where the model has `model.language_model.layers.0...`).
+transformers' own conversion table (`get_model_conversion_mapping`, what `from_pretrained`
+applies) renames every checkpoint key to the model's name; nothing here knows any
+architecture. The same table, reversed, names the tensors of the merged export.
+
+Slices: a parameter that FSDP2 has sharded is a DTensor; this rank reads only its block of
+each tensor (safetensors slices are memory-mapped reads), so no rank ever holds a full copy
+of the model. 4-bit layers are the exception the format forces: bitsandbytes quantises a
+whole weight, so each rank reads one full weight at a time, quantises it and keeps its rows
+of the codes.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from scalora_dist.config import ConfigError, ModelConfig
+from scalora_dist.model.quant import is_quantized_linear, quantize_weight
+
+log = logging.getLogger("scalora_dist")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,111 +44,107 @@ def model_dtype(cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.d
     return torch.float32
 
 
-def check_model_dir(path: str) -> Path:
-    model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise ConfigError(
-            f"model.path: {path!r} is not a directory; give a local transformers checkpoint "
-            "(for a demo model run `scalora-dist make-tiny-model`)"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"model.path: {path!r} has no config.json (not a transformers checkpoint)")
-    return model_dir
-
-
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(check_model_dir(cfg.path))
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so EOS is a safe filler.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def quantization_config(cfg: ModelConfig, dtype: torch.dtype):
-    """transformers' BitsAndBytesConfig for the 4-bit frozen base. The packed codes are
-    stored in a tensor of the model dtype, the dtype FSDP2's mixed-precision policy casts
-    parameters to: that cast is then a no-op, where any real cast would turn the codes into
-    random weights (method.md §6)."""
-    try:
-        import accelerate  # noqa: F401
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / f for k, f in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
         raise ConfigError(
-            f"model.load_in_4bit: needs the {e.name} package (pip install 'scalora-dist[quant]')"
-        ) from None
-    from transformers import BitsAndBytesConfig
-
-    compute = dtype if cfg.quant_compute_dtype == "auto" else DTYPES[cfg.quant_compute_dtype]
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quant_type,
-        bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=dtype,
-    )
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit layer (checked by name so bitsandbytes stays optional)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
-
-
-def quant_state(linear: nn.Module):
-    """The bitsandbytes QuantState of a 4-bit layer. Kept on the module as well as on the
-    weight: FSDP2 replaces the weight by a plain sharded parameter, which has none."""
-    state = getattr(linear.weight, "quant_state", None)
-    return state if state is not None else linear.quant_state
-
-
-def prepare_quantized_layers(model: nn.Module) -> None:
-    """Make every 4-bit layer safe to shard and to switch between eval and train.
-
-    * The QuantState goes on the module (bitsandbytes' Linear4bit looks there when its
-      weight has lost it, as after FSDP2 swaps the parameter).
-    * bitsandbytes (0.50) repacks 4-bit codes into an AVX512-bf16 kernel layout at the first
-      CPU forward in eval mode; the repacked codes then give wrong outputs in training mode
-      and only approximately convert back. Training alternates eval and train, so keep the
-      portable layout."""
-    for module in model.modules():
-        if is_quantized_linear(module):
-            module.quant_state = quant_state(module)
-            module.support_avx512bf16_for_cpu = False
-
-
-@torch.no_grad()
-def dequantize(codes: torch.Tensor, state) -> torch.Tensor:
-    """Float32 weight from packed 4-bit codes (whole, not a shard) and their QuantState."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(codes, state).float()
-
-
-@torch.no_grad()
-def dequantized_weight(linear: nn.Module) -> torch.Tensor:
-    """The float32 weight of a (not sharded) bitsandbytes 4-bit layer."""
-    return dequantize(linear.weight.data, quant_state(linear))
-
-
-def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
-    model_dir = check_model_dir(cfg.path)
-    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError(
-            "model.attn_implementation: flash_attention_2 needs the flash-attn package "
-            "(pip install 'scalora-dist[flash]'); use sdpa otherwise"
+            f"model.path: {model_dir} has no model.safetensors or model.safetensors.index.json "
+            "(only safetensors checkpoints are read)"
         )
-    dtype = model_dtype(cfg, device)
-    extra = {}
-    if cfg.load_in_4bit:
-        # bitsandbytes quantises while loading onto the target device (needs accelerate)
-        extra = {"quantization_config": quantization_config(cfg, dtype), "device_map": {"": torch.device(device)}}
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=cfg.attn_implementation, **extra
-    )
-    if not cfg.load_in_4bit:
-        model.to(device)
-    model.config.use_cache = False
-    if cfg.load_in_4bit:
-        prepare_quantized_layers(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def model_names_of_checkpoint(model: nn.Module, ckpt_keys: list[str], conversions: list) -> dict[str, str]:
+    """checkpoint key -> model key, through transformers' renamings (from_pretrained's own
+    rules, base-model prefix included). Keys that name nothing in the model map to
+    themselves and are reported by the caller. Conversions that reshape tensors (fused
+    experts, split qkv) are refused: the shard reader copies tensors, it does not rebuild them."""
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta_state = dict.fromkeys(model.state_dict())
+    names = {}
+    for key in ckpt_keys:
+        renamed, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if renamed not in meta_state and key in meta_state:
+            renamed, converter = key, None
+        if converter is not None:
+            raise ConfigError(
+                f"model.path: the checkpoint stores {key!r} in a layout that transformers "
+                f"converts while loading ({converter!r}); scalora-dist reads tensors that only "
+                "need renaming (dense decoder models: Llama, Mistral, Qwen, Gemma, ...)"
+            )
+        names[key] = renamed
+    return names
+
+
+def local_offsets(param: torch.Tensor) -> tuple[int, ...]:
+    """Global offset of this rank's block of a (possibly FSDP2-sharded) tensor."""
+    if not isinstance(param, DTensor):
+        return (0,) * param.dim()
+    _, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(offsets)
+
+
+def local_block(full: torch.Tensor, offsets: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
+    return full[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+
+
+@torch.no_grad()
+def load_checkpoint_weights(model: nn.Module, model_dir: Path, conversions: list) -> set[str]:
+    """Fill the model's parameters and persistent buffers from the checkpoint, each rank
+    its own block; returns the model keys that were filled. Unknown checkpoint tensors are
+    reported; model tensors the checkpoint lacks are left for the caller to judge."""
+    files = checkpoint_files(model_dir)
+    names = model_names_of_checkpoint(model, sorted(files), conversions)
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update(model.named_buffers(remove_duplicate=False))
+    unknown = [k for k, name in names.items() if name not in targets]
+    if unknown:
+        log.warning(
+            "model.path: %d checkpoint tensor(s) match nothing in %s and are not loaded: %s",
+            len(unknown), type(model).__name__, ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""),
+        )
+    filled: set[str] = set()
+    by_file: dict[Path, list[str]] = {}
+    for key, name in names.items():
+        if name in targets:
+            by_file.setdefault(files[key], []).append(key)
+    for path, keys in by_file.items():
+        for key in keys:
+            name = names[key]
+            # One short-lived mapping per tensor: pages read for it are released with it, so
+            # a rank's resident memory holds its shards, not the parts of the file it touched.
+            with safe_open(path, "pt", device="cpu") as f:
+                _fill(model, name, targets[name], f.get_slice(key))
+            filled.add(name)
+    return filled
+
+
+def _fill(model: nn.Module, name: str, target: torch.Tensor, source) -> None:
+    local = target.to_local() if isinstance(target, DTensor) else target
+    offsets = local_offsets(target)
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr == "weight" and is_quantized_linear(owner):
+        full = source[:].to(device=local.device, dtype=getattr(owner, "quant_settings")[2])
+        codes = quantize_weight(owner, full)
+        local.copy_(local_block(codes, offsets, local.shape))
+        return
+    index = tuple(slice(o, o + n) for o, n in zip(offsets, local.shape))
+    local.copy_(source[index] if local.dim() else source[:])

@@ -1,6 +1,6 @@
-"""Our LoRA layer, its injection into a transformers model, and the exports.
+"""Our LoRA layer, its injection into a transformers model, and the PEFT export.
 
-We wrap `nn.Linear` ourselves (not with PEFT) because ScaLoRA needs direct control of the
+We adapt `nn.Linear` ourselves (not with PEFT) because ScaLoRA needs direct control of the
 factors, the merge into the base and the optimizer state. PEFT stays the reference
 *reader* of the adapters we export.
 """
@@ -20,62 +20,41 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import AdapterConfig, ConfigError
-from scalora_dist.model.loading import is_quantized_linear, quant_state
+from scalora_dist.model.quant import is_quantized_linear
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + s * lora_B(lora_A(dropout(x))), s = alpha/r (or alpha/sqrt(r) for rsLoRA).
+    """y = W x + b + s * lora_B(lora_A(dropout(x))), s = alpha/r (or alpha/sqrt(r) for rsLoRA).
 
-    Factors are plain parameters (`lora_A` (r, in), `lora_B` (out, r)) so FSDP2 can shard
-    them like any other parameter. Computation happens in the input's dtype; the stored
-    weights keep their own (float32 masters under bf16 compute).
+    Not wrapped: `add_lora` turns an existing nn.Linear (or bitsandbytes Linear4bit) into a
+    subclass of its own class and of this one, the way FSDP2 swaps classes, and adds the
+    factors beside its weight. The layer keeps its parameter names (`q_proj.weight`,
+    `q_proj.bias`), so checkpoints, transformers' key conversions and FSDP2 see the model's
+    own names; the adapter adds `q_proj.lora_A` (r, in) and `q_proj.lora_B` (out, r), plain
+    parameters that FSDP2 shards like any other. Computation happens in the input's dtype;
+    the stored weights keep their own (float32 masters under bf16 compute).
     """
 
-    def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float,
-        accumulator_rank: int = 0,
-    ):
-        super().__init__()
-        self.base = base
-        self.rank = rank
-        self.alpha = alpha
-        self.use_rslora = use_rslora
-        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Set by ScaLoRA before a refactor step: keep a copy of the full lora_A that FSDP2
-        # all-gathers for the forward anyway, so the merge needs no extra collective.
-        self.capture_full_A = False
-        self.full_A: torch.Tensor | None = None
-        # A 4-bit base cannot absorb ScaLoRA's small merges (requantising leaves the codes
-        # as they were), so the merged update lives in a float32 low-rank accumulator
-        # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank). Frozen parameters,
-        # not buffers, so that FSDP2 shards them: acc_U's rows with the base's rows, acc_V's
-        # rows with lora_A's columns.
-        self.quantized = is_quantized_linear(base)
-        self.quant_state = quant_state(base) if self.quantized else None
-        if accumulator_rank:
-            self.acc_U = nn.Parameter(
-                torch.zeros(base.out_features, accumulator_rank, device=device), requires_grad=False
-            )
-            self.acc_V = nn.Parameter(
-                torch.zeros(base.in_features, accumulator_rank, device=device), requires_grad=False
-            )
-        else:
-            self.acc_U = self.acc_V = None
+    rank: int
+    alpha: float
+    use_rslora: bool
+    scale: float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.capture_full_A:
-            self.full_A = self.lora_A.detach().float().clone()
+            # ScaLoRA's merge needs the whole lora_A; under FSDP2 this is the copy it
+            # all-gathered for this forward. Kept only when it is the float32 master itself:
+            # a bf16 gather would put rounded factors into the merge (refactor.py then
+            # sends the float32 columns in its one all-reduce instead).
+            A = self.lora_A.detach()
+            self.full_A = A.clone() if A.dtype == torch.float32 else None
         if self.quantized:
             y = self._quantized_base(x)
         else:
-            y = frozen_linear(x, self.base.weight, self.base.bias)
+            y = frozen_linear(x, self.weight, self.bias)
         if self.acc_U is not None:
             y = y + frozen_linear(frozen_linear(x, self.acc_V.T), self.acc_U)
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))
         return y + F.linear(h, self.lora_B.to(x.dtype)) * self.scale
 
     def _quantized_base(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +62,10 @@ class LoRALinear(nn.Module):
         seen here is the all-gathered plain tensor of packed codes, which carries none."""
         import bitsandbytes as bnb
 
-        compute = self.base.compute_dtype or x.dtype
-        y = bnb.matmul_4bit(x.to(compute), self.base.weight, quant_state=self.quant_state)
-        if self.base.bias is not None:
-            y = y + self.base.bias.to(compute)
+        compute = self.compute_dtype or x.dtype
+        y = bnb.matmul_4bit(x.to(compute), self.weight, quant_state=self.quant_state)
+        if self.bias is not None:
+            y = y + self.bias.to(compute)
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -94,8 +73,54 @@ class LoRALinear(nn.Module):
         """s * lora_B @ lora_A, in float32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
+    def base_class(self) -> type:
+        """The layer's class before add_lora."""
+        mro = type(self).__mro__
+        return mro[mro.index(LoRALinear) + 1]
+
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:.4g}"
+        return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:.4g}"
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def add_lora(
+    linear: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float,
+    accumulator_rank: int = 0,
+) -> LoRALinear:
+    """Make `linear` (in place) a LoRALinear of rank `rank`; returns it. lora_A is left
+    uninitialised (see initial_lora_A), lora_B is zero."""
+    cls = type(linear)
+    if cls not in _LORA_CLASSES:
+        _LORA_CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRALinear, cls), {})
+    linear.__class__ = _LORA_CLASSES[cls]
+    linear.rank, linear.alpha, linear.use_rslora = rank, alpha, use_rslora
+    linear.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    device = linear.weight.device
+    linear.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=device))
+    linear.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))
+    linear.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+    linear.capture_full_A = False  # set by ScaLoRA before the forward of a refactor step
+    linear.full_A = None
+    # A 4-bit base cannot absorb ScaLoRA's small merges (requantising leaves the codes as
+    # they were), so the merged update lives in a float32 low-rank accumulator
+    # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank). Frozen parameters, not
+    # buffers, so that FSDP2 shards them: acc_U's rows with the base's rows, acc_V's rows
+    # with lora_A's columns.
+    linear.quantized = is_quantized_linear(linear)
+    if not linear.quantized:
+        linear.quant_state = None
+    if accumulator_rank:
+        linear.acc_U = nn.Parameter(
+            torch.zeros(linear.out_features, accumulator_rank, device=device), requires_grad=False
+        )
+        linear.acc_V = nn.Parameter(
+            torch.zeros(linear.in_features, accumulator_rank, device=device), requires_grad=False
+        )
+    else:
+        linear.acc_U = linear.acc_V = None
+    return linear
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -134,23 +159,43 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if head is not None and module is head}
 
 
+def language_model_prefix(model: nn.Module) -> str:
+    """Module-name prefix of the text decoder ("" when the whole model is the text model).
+    For a `*ForConditionalGeneration` (Gemma-3 4B-27B, ...) it is the language model, so the
+    vision tower and projector are left alone unless a target names them."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model or decoder is getattr(model, "base_model", None):
+        return ""
+    name = next((n for n, m in model.named_modules() if m is decoder), "")
+    return f"{name}." if name else ""
+
+
 def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> list[str]:
-    """Names of the nn.Linear modules to adapt; a name that matches nothing is an error."""
+    """Names of the nn.Linear modules to adapt; a name that matches nothing is an error.
+
+    `all-linear` and plain names (`q_proj`) match inside the language model only; a dotted
+    name (`vision_tower.encoder.layers.0.self_attn.q_proj`, `self_attn.q_proj`) matches the
+    modules whose names end with it, anywhere in the model."""
     heads = output_head_names(model)
+    text = language_model_prefix(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in heads]
+    text_linears = [n for n in linears if n.startswith(text)]
     if target_modules == "all-linear":
-        if not linears:
+        if not text_linears:
             raise ConfigError("adapter.target_modules: all-linear, but the model has no nn.Linear")
-        return linears
+        return text_linears
     all_names = [n for n, _ in model.named_modules()]
     chosen: list[str] = []
     for target in target_modules:
-        hits = [n for n in all_names if n == target or n.endswith("." + target)]
+        scope = all_names if "." in target else [n for n in all_names if n.startswith(text)]
+        hits = [n for n in scope if n == target or n.endswith("." + target)]
         if not hits:
-            available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            available = sorted({n.rsplit(".", 1)[-1] for n in text_linears})
             raise ConfigError(
-                f"adapter.target_modules: {target!r} matches no module of this model; "
-                f"its linear layers are named: {', '.join(available)}"
+                f"adapter.target_modules: {target!r} matches no module of this model"
+                + (" (plain names match inside the language model; use a dotted path for the rest)"
+                   if text else "")
+                + f"; its linear layers are named: {', '.join(available)}"
             )
         not_linear = [n for n in hits if n not in linears]
         if not_linear:
@@ -163,33 +208,20 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> li
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
     """Freeze the model and make the targeted layers trainable as `cfg.method` says.
 
-    lora / scalora: wrap each target in LoRALinear (only the factors train). For scalora the
-    base weights become float32, since per-step merges are too small for bf16.
+    lora / scalora: add LoRA factors to each target (only the factors train). For scalora
+    the base weights become float32, since per-step merges are too small for bf16.
     full: the targeted weights themselves train (in float32).
-    On the meta device the factors stay uninitialised (the sharded loader fills them).
+    On the meta device the factors stay uninitialised (the loader fills them).
     Returns the targeted module names.
     """
     names = find_target_linears(model, cfg.target_modules)
-    quantized = any(is_quantized_linear(m) for m in model.modules())
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         linear = model.get_submodule(name)
-        if quantized and not is_quantized_linear(linear):
-            raise ConfigError(
-                f"adapter.target_modules: {name} ({type(linear).__name__}) was not quantised "
-                "to 4 bits, so it cannot be adapted in a model.load_in_4bit run; only the "
-                "model's nn.Linear layers (not the output head) are supported"
-            )
         if cfg.method == "full":
             linear.float()
             linear.weight.requires_grad_(True)
@@ -200,13 +232,10 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list
                 accumulator_rank = cfg.scalora.accumulator_rank
             else:
                 linear.float()
-        layer = LoRALinear(
-            linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, accumulator_rank=accumulator_rank
-        )
+        layer = add_lora(linear, cfg.rank, cfg.alpha, cfg.use_rslora, cfg.dropout, accumulator_rank)
         if not layer.lora_A.is_meta:
             with torch.no_grad():
                 layer.lora_A.copy_(initial_lora_A(name, cfg.rank, linear.in_features, seed))
-        _set_submodule(model, name, layer)
     return names
 
 
@@ -216,12 +245,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 @torch.no_grad()
 def merge_and_unwrap(model: nn.Module) -> None:
-    """Fold every adapter into its base weight and put the plain nn.Linear back, so the
-    model is an ordinary transformers model again (for save_pretrained)."""
-    for name, layer in lora_layers(model).items():
-        base = layer.base
-        base.weight.copy_((base.weight.float() + layer.delta_weight()).to(base.weight.dtype))
-        _set_submodule(model, name, base)
+    """Fold every adapter into its weight and turn the layer back into its own class, so the
+    model is an ordinary transformers model again (for save_pretrained). Not for 4-bit layers."""
+    for layer in lora_layers(model).values():
+        layer.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+        for name in ("lora_A", "lora_B", "lora_dropout", "acc_U", "acc_V"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+        layer.__class__ = layer.base_class()
 
 
 def save_peft_adapter(

@@ -20,7 +20,10 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3-multimodal")
+"""`gemma3` is the text-only Gemma3ForCausalLM (Gemma-3-270M/1B); `gemma3-multimodal` is
+Gemma3ForConditionalGeneration with a small SigLIP vision tower, the class of the real
+Gemma-3 4B/12B/27B checkpoints (stored on disk as `language_model.model.*`)."""
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -148,7 +151,7 @@ def build_tokenizer(
 
 
 def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, num_heads,
-                  num_kv_heads, intermediate_size, max_position_embeddings):
+                  num_kv_heads, intermediate_size, max_position_embeddings, tie_word_embeddings=False):
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if num_heads % num_kv_heads:
@@ -165,7 +168,7 @@ def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     if arch == "llama":
         return transformers.LlamaConfig(head_dim=head_dim, **common)
@@ -175,18 +178,29 @@ def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, 
         return transformers.Qwen2Config(**common)
     if arch == "qwen3":
         return transformers.Qwen3Config(head_dim=head_dim, **common)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma3-multimodal"):
         # Alternate sliding / full attention (the last layer is always full), with a
         # small window so short test sequences exercise both kinds.
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
                        for i in range(num_layers)]
         layer_types[-1] = "full_attention"
-        return transformers.Gemma3TextConfig(
+        text = transformers.Gemma3TextConfig(
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             sliding_window=min(32, max_position_embeddings),
             layer_types=layer_types,
             **common,
+        )
+        if arch == "gemma3":
+            return text
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            image_size=28, patch_size=14,
+        )
+        return transformers.Gemma3Config(
+            text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+            boi_token_index=tokenizer.bos_token_id, eoi_token_index=tokenizer.eos_token_id,
+            image_token_index=tokenizer.unk_token_id, tie_word_embeddings=tie_word_embeddings,
         )
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
@@ -203,10 +217,13 @@ def make_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    max_shard_size: str | None = None,
     seed: int = 0,
 ) -> Path:
     """Build a tokenizer and a randomly initialised `arch` causal LM; save both to out_dir
-    (safetensors). Returns out_dir as a Path."""
+    (safetensors; with `max_shard_size`, several files and an index, as large checkpoints
+    are stored). Returns out_dir as a Path."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     out = Path(out_dir)
@@ -216,7 +233,7 @@ def make_tiny_model(
         arch, len(tokenizer), tokenizer,
         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
     )
     config.dtype = torch.float32
     torch.manual_seed(seed)
@@ -227,6 +244,6 @@ def make_tiny_model(
     ]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out)
     return out

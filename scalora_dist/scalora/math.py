@@ -1,4 +1,4 @@
-"""ScaLoRA column scaling: the tensor math of one layer (see design/method.md, sections 1-5).
+"""ScaLoRA column scaling: the tensor math of one layer (see docs/method.md, sections 1-3).
 
 Paper coordinates: A = sqrt(s) * lora_B (m, r), B = sqrt(s) * lora_A.T (n, r), W = W0 + A B^T,
 G_A = G B = lora_B.grad / sqrt(s), G_B = G^T A = lora_A.grad.T / sqrt(s).
@@ -122,6 +122,59 @@ def solve_scales(
     return Scales(ones, ones.clone(), SKIPPED)
 
 
+def _solve_psd_batch(
+    M: torch.Tensor, rhs: torch.Tensor, ridge: float, max_condition: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """_solve_psd for a batch (B, n, n) of systems at once: (x (B, n), trusted (B,)). The
+    same LAPACK routines per matrix, so each x equals the one-at-a-time result."""
+    n = M.shape[-1]
+    eye = torch.eye(n, dtype=M.dtype, device=M.device)
+    finite = torch.isfinite(M).flatten(1).all(1) & torch.isfinite(rhs).all(1)
+    M = torch.where(finite[:, None, None], M, eye)  # placeholders keep the batch solvable
+    rhs = torch.where(finite[:, None], rhs, torch.ones_like(rhs))
+    eig = torch.linalg.eigvalsh(M)
+    trusted = finite & (eig[:, 0] > 0) & ~(eig[:, -1] > max_condition * eig[:, 0])
+    shift = torch.stack([ridge * torch.trace(m) / n for m in M])
+    system = torch.where(trusted[:, None, None], M + shift[:, None, None] * eye, eye)
+    x = torch.linalg.solve(system, rhs)
+    trusted &= torch.isfinite(x).all(1) & (x > 0).all(1)
+    return x, trusted
+
+
+def solve_scales_batch(
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    kappa: float,
+    *,
+    ridge: float = 1e-12,
+    max_condition: float = 1e12,
+) -> list[Scales]:
+    """solve_scales for B layers of the same rank at once, P and Q stacked (B, 2r, 2r) on the
+    CPU: one batched eigendecomposition and solve for the column systems, one for the scalar
+    fallbacks. Gives what solve_scales gives layer by layer, bit for bit (tested)."""
+    if not (math.isfinite(kappa) and kappa > 0):
+        raise ValueError(f"kappa must be positive and finite, got {kappa}")
+    r = P.shape[-1] // 2
+    P, Q = P.to(torch.float64), Q.to(torch.float64)
+    K = P * Q
+    lam = torch.cat([torch.diagonal(Q, dim1=1, dim2=2)[:, :r], torch.diagonal(P, dim1=1, dim2=2)[:, r:]], dim=1)
+    v, column = _solve_psd_batch(K, lam, ridge, max_condition)
+    blocks = [[K[:, :r, :r], K[:, :r, r:]], [K[:, r:, :r], K[:, r:, r:]]]
+    K2 = torch.stack([torch.stack([b.sum(dim=(1, 2)) for b in row], dim=1) for row in blocks], dim=1)
+    lam2 = torch.stack([lam[:, :r].sum(1), lam[:, r:].sum(1)], dim=1)
+    ab, scalar = _solve_psd_batch(K2, lam2, ridge, max_condition)
+    ones = torch.ones(r, dtype=torch.float64)
+    out = []
+    for i in range(P.shape[0]):
+        if column[i]:
+            out.append(Scales((kappa * v[i, :r]).sqrt(), (kappa * v[i, r:]).sqrt(), COLUMN))
+        elif scalar[i]:
+            out.append(Scales((kappa * ab[i, 0]).sqrt() * ones, (kappa * ab[i, 1]).sqrt() * ones, SCALAR))
+        else:
+            out.append(Scales(ones, ones.clone(), SKIPPED))
+    return out
+
+
 def column_norm_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """(r,) ||a_i|| * ||b_i||: the column pair sizes that kappa='auto' averages."""
     r = P.shape[0] // 2
@@ -208,6 +261,12 @@ def left_gram_for(gram: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return gram * d[:, None] * d[None, :]
 
 
+def increment_norm_sq(left_gram: torch.Tensor, right_gram: torch.Tensor, r: int) -> float:
+    """||a b^T||_F^2 = sum((a^T a) * (b^T b)) for the last r columns of the stacked factors
+    [U, a], [V, b] whose (reduced) Grams are given: the size of a merged increment."""
+    return (left_gram[-r:, -r:] * right_gram[-r:, -r:]).sum().item()
+
+
 def _range_from_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For X with X^T X = gram: (M, T) with X M orthonormal and X = (X M) T, dropping the
     directions X does not span (eigenvalues at float64 round-off of the largest)."""
@@ -232,8 +291,8 @@ def accumulate_low_rank(
     right ones, given the Grams of the WHOLE stacked factors [U, a] and [V, b] (summed over
     ranks); without them the blocks are taken to be whole. Orthonormal bases come from the
     Grams' eigendecompositions and the small (R+r) core is SVD'd, so the cost is
-    O((m+n)(R+r)^2), no m x n matrix and no extra collective. Float64; U' carries the
-    singular values."""
+    O((m+n)(R+r)^2), no m x n matrix and no extra collective. The small decompositions run
+    where the Grams are (the CPU, in training); float64; U' carries the singular values."""
     R = U.shape[1]
     left = torch.cat([U, a], dim=1).double()
     right = torch.cat([V, b], dim=1).double()
@@ -250,6 +309,6 @@ def accumulate_low_rank(
     x, s, yh = torch.linalg.svd(left_coords @ right_coords.T, full_matrices=False)
     dropped = s[R:].square().sum().sqrt().item()
     k = min(R, s.numel())  # R may exceed the rank available: the extra columns stay zero
-    new_U[:, :k] = left @ (to_left_basis @ (x[:, :k] * s[:k]))
-    new_V[:, :k] = right @ (to_right_basis @ yh[:k].T)
+    new_U[:, :k] = left @ (to_left_basis @ (x[:, :k] * s[:k])).to(left.device)
+    new_V[:, :k] = right @ (to_right_basis @ yh[:k].T).to(right.device)
     return new_U.to(U.dtype), new_V.to(V.dtype), dropped

@@ -1,6 +1,6 @@
 """Applies the ScaLoRA rewrite (scalora/math.py) to a model's LoRA layers and optimizer.
 
-Order per refactor step (method.md §4): statistics of every layer -> one reduction of one
+Order per refactor step (docs/method.md §2): statistics of every layer -> one reduction of one
 flat buffer -> per-layer solve -> merge into the base -> rescale factors, gradients and
 AdamW moments. Runs after gradient accumulation and before clipping / optimizer.step().
 """
@@ -15,6 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import ScaLoRAConfig
+from scalora_dist.model.loading import local_offsets
 from scalora_dist.model.lora import LoRALinear
 from scalora_dist.optim import adam_moments
 from scalora_dist.scalora import math as sm
@@ -29,12 +30,24 @@ class RefactorReport:
     mean_beta: float | None = None
     kappa: float | None = None
     reduced_bytes: int = 0
-    """Bytes of statistics all-reduced across ranks this step (0 on one process)."""
+    """Bytes all-reduced across ranks this step (statistics, plus any lora_A columns; 0 on one process)."""
     collectives: int = 0
     """Collectives ScaLoRA issued this step (1 per refactor when distributed)."""
     gathered_bytes: int = 0
-    """Bytes of lora_A all-gathered for the merge; 0 when the copy FSDP2 gathered for the
-    forward was captured (the normal case)."""
+    """Of reduced_bytes, the float32 lora_A columns the merges needed: 0 when the copy FSDP2
+    gathered for the forward was the float32 master itself (float32 compute); under bf16
+    compute that copy is rounded, so the exact columns travel in the same all-reduce."""
+    increment_norm_sq: float = 0.0
+    """4-bit bases: squared Frobenius norm of this step's merged increments (all layers)."""
+    dropped_norm_sq: float = 0.0
+    """4-bit bases: squared Frobenius norm of what re-compressing the accumulators dropped."""
+
+    @property
+    def dropped_fraction(self) -> float | None:
+        """‖dropped‖ / ‖increment‖: the share of the step's merges the rank-R accumulators lost."""
+        if self.increment_norm_sq <= 0:
+            return None
+        return math.sqrt(self.dropped_norm_sq / self.increment_norm_sq)
 
     def as_metrics(self) -> dict[str, float | int | None]:
         return {
@@ -47,6 +60,7 @@ class RefactorReport:
             "scalora_reduced_bytes": self.reduced_bytes,
             "scalora_gathered_bytes": self.gathered_bytes,
             "scalora_collectives": self.collectives,
+            "scalora_acc_dropped_fraction": self.dropped_fraction,
         }
 
 
@@ -96,13 +110,38 @@ class ScaLoRA:
         # 4-bit layers, the Grams that re-compress the accumulator).
         stats = [self._layer_statistics(l) for l in layers]
         report = RefactorReport()
-        if stats and self.all_reduce is not None:
-            # All layers' small matrices travel in one flat buffer: one collective per step.
-            flat = torch.cat([t.flatten() for layer_stats in stats for t in layer_stats])
+        n_stats = sum(t.numel() for layer_stats in stats for t in layer_stats)
+        if not layers:
+            report.skipped = len(self.layers)
+            return report
+        # All layers' small matrices travel in one flat float64 buffer: one collective per
+        # step, then one copy of the statistics to the host. Behind them, the merges' float32
+        # lora_A where the forward left no exact copy: each rank writes its columns into a
+        # zero (r, n) block, so the sum is the whole matrix (float32 in float64: exact).
+        needs_A = [_needs_full_A(l) for l in layers]
+        n_A = sum(l.lora_A.numel() for l, needed in zip(layers, needs_A) if needed)
+        device = stats[0][0].device
+        flat = torch.zeros(n_stats + n_A, dtype=torch.float64, device=device)
+        torch.cat([t.flatten() for layer_stats in stats for t in layer_stats], out=flat[:n_stats])
+        full_As, offset = [], n_stats
+        for layer, needed in zip(layers, needs_A):
+            if not needed:
+                full_As.append(None)
+                continue
+            block = flat[offset : offset + layer.lora_A.numel()].view(layer.lora_A.shape)
+            local = _local(layer.lora_A)
+            start = local_offsets(layer.lora_A)[1]
+            block[:, start : start + local.shape[1]] = local
+            full_As.append(block)
+            offset += layer.lora_A.numel()
+        if self.all_reduce is not None:
             self.all_reduce(flat)
             report.reduced_bytes = flat.numel() * flat.element_size()
+            report.gathered_bytes = n_A * flat.element_size()
             report.collectives = 1
-            stats = _unflatten(flat, stats)
+        # Every rank solves the same float64 systems on the CPU from the same reduced
+        # numbers, so every rank takes the same decisions by construction.
+        stats = _unflatten(flat[:n_stats].cpu(), stats)
         grams = [(P, Q) for P, Q, *_ in stats]
         if self.kappa is None:
             self.kappa = auto_kappa(grams)
@@ -112,22 +151,22 @@ class ScaLoRA:
         kappa = self.kappa * self.cfg.kappa_multiplier
         report.kappa = kappa
         report.skipped = len(self.layers) - len(layers)
-        alphas, betas = [], []
-        for layer, (P, Q, *acc_grams) in zip(layers, stats):
-            scales = sm.solve_scales(P, Q, kappa)
-            if scales.kind == sm.SKIPPED:
-                report.skipped += 1
-                continue
-            if scales.kind == sm.COLUMN:
-                report.column += 1
-            else:
-                report.scalar += 1
-            report.gathered_bytes += self._rewrite(layer, scales, acc_grams)
-            alphas.append(scales.alpha)
-            betas.append(scales.beta)
-        if alphas:
-            report.mean_alpha = torch.cat(alphas).mean().item()
-            report.mean_beta = torch.cat(betas).mean().item()
+        solved = solve_all(grams, kappa)
+        kept = [(i, scales) for i, scales in enumerate(solved) if scales.kind != sm.SKIPPED]
+        report.skipped += len(solved) - len(kept)
+        report.column = sum(scales.kind == sm.COLUMN for _, scales in kept)
+        report.scalar = len(kept) - report.column
+        if kept:
+            alphas, betas = torch.cat([s.alpha for _, s in kept]), torch.cat([s.beta for _, s in kept])
+            report.mean_alpha, report.mean_beta = alphas.mean().item(), betas.mean().item()
+            # One copy of every alpha and beta to the device, then merges and rescales that
+            # the device runs in order, without waiting for the host.
+            on_device = _to_device(kept, layers[0].lora_A.device)
+            for (i, _), scales in zip(kept, on_device):
+                layer, (_, _, *acc_grams) = layers[i], stats[i]
+                self._rewrite(layer, scales, acc_grams, full_A=full_As[i], report=report)
+        for layer in self.layers:
+            layer.full_A = None
         return report
 
     @staticmethod
@@ -139,11 +178,14 @@ class ScaLoRA:
         return stats
 
     @torch.no_grad()
-    def _rewrite(self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = ()) -> int:
+    def _rewrite(
+        self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
+        *, full_A: torch.Tensor | None = None, report: RefactorReport | None = None,
+    ) -> None:
         """Merge into this rank's rows of the base (or its accumulator), rescale the local
-        shards of factors, gradients and AdamW moments. Returns the bytes gathered (0 normally).
-        `acc_grams`: the accumulator's reduced Grams (default: this process's own)."""
-        gathered = 0
+        shards of factors, gradients and AdamW moments. `acc_grams`: the accumulator's
+        reduced Grams (default: this process's own); `full_A`: the whole float32 lora_A
+        (default: the layer's own, or the copy its forward captured)."""
         if layer.acc_U is not None:
             acc_grams = acc_grams or self._layer_statistics(layer)[2:]
             # 4-bit base: the increment s * lora_B diag(1 - alpha*beta) lora_A goes into the
@@ -151,15 +193,20 @@ class ScaLoRA:
             # lora_A's columns; the Grams of the whole factors came with the statistics.
             coef = layer.scale * (1.0 - scales.alpha * scales.beta)
             U, V, A, B = (_local(t) for t in (layer.acc_U, layer.acc_V, layer.lora_A, layer.lora_B))
-            new_U, new_V, _ = sm.accumulate_low_rank(
+            left_gram = sm.left_gram_for(acc_grams[0], coef.to(acc_grams[0].device))
+            new_U, new_V, dropped = sm.accumulate_low_rank(
                 U, V, B.double() * coef.to(B.device), A.double().T,
-                left_gram=sm.left_gram_for(acc_grams[0], coef), right_gram=acc_grams[1],
+                left_gram=left_gram, right_gram=acc_grams[1],
             )
             U.copy_(new_U)
             V.copy_(new_V)
+            if report is not None:
+                report.increment_norm_sq += sm.increment_norm_sq(left_gram, acc_grams[1], layer.rank)
+                report.dropped_norm_sq += dropped**2
         else:
-            full_A, gathered = _full_lora_A(layer)
-            sm.merge_increment_(_local(layer.base.weight), full_A, _local(layer.lora_B), layer.scale, scales)
+            if full_A is None:
+                full_A = layer.full_A if isinstance(layer.lora_A, DTensor) else layer.lora_A
+            sm.merge_increment_(_local(layer.weight), full_A, _local(layer.lora_B), layer.scale, scales)
         sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
         sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
         with (
@@ -169,22 +216,40 @@ class ScaLoRA:
             if moments_A is not None and moments_B is not None:
                 (m_A, v_A), (m_B, v_B) = moments_A, moments_B
                 sm.rescale_adam_moments_(_local(m_A), _local(v_A), _local(m_B), _local(v_B), scales)
-        layer.full_A = None
-        return gathered
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _full_lora_A(layer: LoRALinear) -> tuple[torch.Tensor, int]:
-    """The whole (r, n) lora_A as it was in this step's forward, and the bytes gathered."""
-    if not isinstance(layer.lora_A, DTensor):
-        return layer.lora_A, 0
-    if layer.full_A is not None:
-        return layer.full_A, 0
-    full = layer.lora_A.full_tensor()  # only when no forward captured it (e.g. offloaded)
-    return full, full.numel() * full.element_size()
+def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float) -> list[sm.Scales]:
+    """Every layer's scales, the systems of each rank solved together (sm.solve_scales_batch)."""
+    solved: list[sm.Scales | None] = [None] * len(grams)
+    by_rank: dict[int, list[int]] = {}
+    for i, (P, _) in enumerate(grams):
+        by_rank.setdefault(P.shape[0], []).append(i)
+    for indices in by_rank.values():
+        P = torch.stack([grams[i][0] for i in indices])
+        Q = torch.stack([grams[i][1] for i in indices])
+        for i, scales in zip(indices, sm.solve_scales_batch(P, Q, kappa)):  # (looked up here: tools may replace it)
+            solved[i] = scales
+    return solved
+
+
+def _to_device(kept: list[tuple[int, sm.Scales]], device: torch.device) -> list[sm.Scales]:
+    flat = torch.cat([torch.cat([s.alpha, s.beta]) for _, s in kept]).to(device)
+    out, offset = [], 0
+    for _, s in kept:
+        r = s.alpha.numel()
+        out.append(sm.Scales(flat[offset : offset + r], flat[offset + r : offset + 2 * r], s.kind))
+        offset += 2 * r
+    return out
+
+
+def _needs_full_A(layer: LoRALinear) -> bool:
+    """A sharded layer whose merge has no exact copy of the whole lora_A (4-bit layers
+    merge into their accumulator shard by shard and need none)."""
+    return isinstance(layer.lora_A, DTensor) and layer.acc_U is None and layer.full_A is None
 
 
 def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:

@@ -1,0 +1,106 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (30 layers, tied embeddings, ChatML) fine-
+tuned through the CLI on a chat task in its own chat template, with LoRA and with ScaLoRA;
+the PEFT adapter and the merged model agree, and the merged model still talks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_ok, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
+            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"),
+            ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago")]
+
+
+def _chat_data(path: Path) -> Path:
+    return write_jsonl(path, [
+        {"messages": [{"role": "user", "content": f"What is the capital of {country}?"},
+                      {"role": "assistant", "content": f"The capital of {country} is {city}."}]}
+        for country, city in CAPITALS
+    ])
+
+
+def _train(model_dir, out, method, data):
+    return subprocess.run(
+        [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
+         f"model.path={model_dir}", f"output.dir={out}", f"adapter.method={method}",
+         f"data.train_files=[{data}]", f"data.eval_files=[{data}]", "data.format=chat",
+         "data.max_length=128", "data.packing=true", "adapter.rank=4", "adapter.alpha=8",
+         "adapter.scalora.warmup_steps=1", "train.max_steps=3", "train.micro_batch_size=2",
+         "train.lr=2e-4", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={"OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **{k: v for k, v in __import__("os").environ.items()
+                                                             if k not in ("OMP_NUM_THREADS",)}},
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    data = _chat_data(root / "capitals.jsonl")
+    for method in ("lora", "scalora"):
+        assert_ok(_train(smollm2, root / method, method, data))
+    return root
+
+
+def _held_out_loss(model_dir, data) -> float:
+    """The loss the training loop's evaluation computes, for an untrained model."""
+    from scalora_dist.config import DataConfig
+    from scalora_dist.data import BatchLoader, load_split
+    from scalora_dist.train import evaluate
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    split = load_split(DataConfig(format="chat", max_length=128, packing=True), tok, [str(data)])
+    return evaluate(model, BatchLoader(split, 2, tok.pad_token_id, shuffle=False, drop_last=False), torch.device("cpu"))
+
+
+def _prompt_ids(tok, question):
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "scalora"])
+def test_fine_tuning_the_real_model_lowers_its_loss_and_it_still_answers(runs, smollm2, method):
+    records = [json.loads(l) for l in (runs / method / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["labelled_tokens"] > 0 for r in records)
+    final_eval = json.loads((runs / method / "eval.jsonl").read_text().splitlines()[-1])["eval_loss"]
+    assert final_eval < _held_out_loss(smollm2, runs / "capitals.jsonl")  # it learned the answers' form
+    if method == "scalora":
+        assert any(r.get("scalora_column", 0) + r.get("scalora_scalar", 0) for r in records)
+    tok = AutoTokenizer.from_pretrained(runs / method / "merged")
+    model = AutoModelForCausalLM.from_pretrained(runs / method / "merged", dtype=torch.float32).eval()
+    ids = _prompt_ids(tok, "What is the capital of Portugal?")
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert sum(c.isalpha() for c in answer) > 5, answer
+    assert "Lisbon" in answer or "Portugal" in answer, answer  # on topic: a real model, still one
+
+
+@pytest.mark.slow
+def test_the_peft_adapter_and_the_merged_model_give_the_same_logits(runs, smollm2):
+    from peft import PeftModel
+
+    adapter = json.loads((runs / "lora/adapter/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(Path(smollm2).resolve())
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = _prompt_ids(tok, "What is the capital of Chile?")
+    base = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, runs / "lora/adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(runs / "lora/merged", dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b, c = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert (a - c).abs().max() > 1e-3, "the adapter must change the model"
