@@ -65,8 +65,10 @@ class ScaLoRAConfig:
     interval: int = 1
     """Refactor every `interval` optimizer steps (ScaLoRA-I); plain LoRA steps in between."""
     kappa: float | Literal["auto"] = "auto"
-    """kappa = 1/(L*eta) of docs/method.md §2. `auto`: mean of ‖a_i‖·‖b_i‖ over all layers and
-    columns at the first refactor, so refactoring starts near alpha*beta = 1."""
+    """kappa = 1/(L*eta) of docs/method.md §2: the column-pair size ‖a_i‖·‖b_i‖ the refactors
+    pull the adapter toward. `auto`: the mean of ‖a_i‖·‖b_i‖ over all layers and columns at
+    the first refactor, divided by the mean learning rate so far as a fraction of the peak
+    (so an LR warm-up before the first refactor does not shrink it; docs/method.md, "kappa")."""
     kappa_multiplier: float = 1.0
     """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
     accumulator_rank: int = 64
@@ -79,11 +81,22 @@ class ScaLoRAConfig:
 
 
 @dataclass
+class ReLoRAConfig:
+    restart_every: int = 50
+    """Merge the adapter into the base and restart it every this many optimizer steps."""
+    rewarmup_steps: int = 10
+    """After each restart the learning rate ramps linearly from 0 back to the schedule's
+    value over this many steps (ReLoRA's jagged schedule); 0: no re-warm-up."""
+
+
+@dataclass
 class AdapterConfig:
-    method: Literal["lora", "scalora", "full"] = "scalora"
+    method: Literal["lora", "scalora", "relora", "full"] = "scalora"
     """`lora`: low-rank adapters (base frozen); `scalora`: LoRA whose increment is merged
-    into the base every `interval` steps with optimal column scales; `full`: full
-    fine-tuning of the targeted layers (baseline)."""
+    into the base every `interval` steps with optimal column scales; `relora`: LoRA merged
+    into the base and restarted (fresh factors, AdamW state reset, LR re-warm-up) every
+    `relora.restart_every` steps (Lialin et al. 2023), the baseline for a high-rank update;
+    `full`: full fine-tuning of the targeted layers (baseline)."""
     rank: int = 8
     """LoRA rank r."""
     alpha: float = 16.0
@@ -98,6 +111,7 @@ class AdapterConfig:
     dropout: float = 0.0
     """Dropout on the adapter input. Must be 0 for scalora (a merge is only exact without it)."""
     scalora: ScaLoRAConfig = field(default_factory=ScaLoRAConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
 
 
 @dataclass
@@ -404,6 +418,21 @@ def validate(config: Config) -> None:
         )
     if s.warmup_steps < 0:
         raise ConfigError("adapter.scalora.warmup_steps: must be >= 0")
+    _positive("adapter.relora.restart_every", a.relora.restart_every)
+    if a.relora.rewarmup_steps < 0:
+        raise ConfigError("adapter.relora.rewarmup_steps: must be >= 0")
+    if a.method == "relora" and a.relora.rewarmup_steps >= a.relora.restart_every:
+        raise ConfigError(
+            f"adapter.relora.rewarmup_steps: {a.relora.rewarmup_steps} must be smaller than "
+            f"adapter.relora.restart_every ({a.relora.restart_every})"
+        )
+    if a.method == "relora" and m.load_in_4bit:
+        raise ConfigError(
+            "adapter.method: relora cannot merge into a 4-bit base (requantising drops the "
+            "merged update); use scalora, whose float32 accumulator holds it, or lora"
+        )
+    if a.method == "relora" and m.cpu_offload:
+        raise ConfigError("model.cpu_offload: not supported with method relora; use method lora")
     if not d.train_files:
         raise ConfigError("data.train_files: required (one or more files, dataset folders or hub dataset ids)")
     for key in ("train_files", "eval_files"):

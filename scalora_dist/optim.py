@@ -77,3 +77,19 @@ def adam_moments(
             state[f"absmax{i}"].copy_(quant.absmax)
     else:
         yield None
+
+
+def reset_adam_state(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> None:
+    """Put `param`'s optimizer state back to what it was before its first step: torch
+    AdamW's moments and step count zeroed in place (the state a first step creates, kept so
+    that a checkpoint written now holds it), bitsandbytes' state dropped (its 8-bit zero is
+    not a zero code; it is re-created at the next step)."""
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    if "exp_avg" in state:
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+    else:
+        optimizer.state.pop(param)

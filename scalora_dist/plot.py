@@ -43,7 +43,7 @@ def run_label(config: dict) -> str:
     if method == "full":
         return "full fine-tuning"
     name = {"lora": "rsLoRA" if adapter.get("use_rslora") else "LoRA",
-            "scalora": "ScaLoRA"}.get(method, method)
+            "scalora": "ScaLoRA", "relora": "ReLoRA"}.get(method, method)
     interval = adapter.get("scalora", {}).get("interval", 1)
     if method == "scalora" and interval > 1:
         name += f"-I (I={interval})"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 from scalora_dist.checkpoint import load_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ from scalora_dist.model.hub import model_reference, resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer, model_dtype
 from scalora_dist.model.lora import lora_layers, save_peft_adapter
 from scalora_dist.optim import build_optimizer
+from scalora_dist.relora import ReLoRA, with_rewarmup
 from scalora_dist.rundir import clear_run, nothing_to_do, plan_start
 from scalora_dist.stopping import SaveClock, StopSignals, agree, clear_marker, write_marker
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
@@ -85,6 +87,7 @@ class Run:
     eval_loader: BatchLoader | None
     scalora: ScaLoRA | None
     total_steps: int
+    relora: ReLoRA | None = None
 
     @property
     def device(self) -> torch.device:
@@ -123,20 +126,33 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train, dist.distributed)
-    scheduler = get_scheduler(
-        SCHEDULERS[cfg.train.lr_scheduler], optimizer,
-        num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps,
-    )
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
     scalora = None
     if cfg.adapter.method == "scalora":
         scalora = ScaLoRA(
             cfg.adapter.scalora, list(lora_layers(model).values()), optimizer,
             all_reduce=all_reduce_sum_ if dist.distributed else None,
+            lr_multiplier=scheduler.lr_lambdas[0],
         )
+    relora = None
+    if cfg.adapter.method == "relora":
+        relora = ReLoRA(cfg.adapter.relora, lora_layers(model), optimizer, seed=cfg.train.seed)
     return Run(
         cfg, dist, tokenizer, model, params, optimizer, scheduler,
-        train_loader, eval_loader, scalora, total_steps,
+        train_loader, eval_loader, scalora, total_steps, relora,
     )
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+    """train.lr_scheduler with its warm-up (transformers' schedules), and for relora the
+    re-warm-up after each restart on top."""
+    schedule = get_scheduler(
+        SCHEDULERS[cfg.train.lr_scheduler], optimizer,
+        num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps,
+    )
+    if cfg.adapter.method != "relora":
+        return schedule
+    return LambdaLR(optimizer, [with_rewarmup(f, cfg.adapter.relora) for f in schedule.lr_lambdas])
 
 
 def count_steps(cfg: Config, train_loader: BatchLoader) -> int:
@@ -186,13 +202,15 @@ def train_step(run: Run, step: int) -> StepResult:
         return StepResult(loss, tokens, float("nan"), None, skipped=True, labelled_tokens=labelled)
     report = None
     if run.scalora is not None and run.scalora.is_due(step):
-        report = run.scalora.refactor()
+        report = run.scalora.refactor(step)
         grad_norm = total_grad_norm(run.params)  # the rescaled gradients are what is clipped
     if run.cfg.train.max_grad_norm:
         torch.nn.utils.clip_grads_with_norm_(run.params, run.cfg.train.max_grad_norm, torch.tensor(grad_norm))
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.relora is not None and run.relora.is_due(step + 1, run.total_steps):
+        run.relora.restart(step + 1)
     return StepResult(loss, tokens, grad_norm, report, labelled_tokens=labelled)
 
 

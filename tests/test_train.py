@@ -123,6 +123,27 @@ def test_accumulated_update_is_high_rank_for_scalora_and_low_rank_for_lora(tiny_
     assert layer.lora_B.abs().max() > 0  # LoRA did learn something
 
 
+def test_auto_kappa_is_the_same_with_or_without_an_lr_warmup(tiny_llama, tmp_path):
+    """kappa='auto' is taken at the first refactor (after 10 steps here). With a 10-step LR
+    warm-up the adapters have seen 0.45x the learning rate of a constant schedule, and the
+    raw ||a_i|| ||b_i|| (the rule before) comes out about that much smaller; the rule
+    divides it out, so both schedules give kappa within 1.5x of each other."""
+
+    def first_kappa(name, *overrides):
+        cfg = _config(tiny_llama, tmp_path / name, "adapter.scalora.warmup_steps=10", "train.max_steps=11",
+                      "train.lr=3e-3", *overrides)
+        run = setup(cfg)
+        for step in range(11):
+            train_step(run, step)
+        return run.scalora.kappa, run.scalora.lr_fraction(10)
+
+    k_const, fraction_const = first_kappa("constant", "train.lr_scheduler=constant", "train.warmup_steps=0")
+    k_warm, fraction_warm = first_kappa("warm", "train.lr_scheduler=cosine", "train.warmup_steps=10")
+    assert fraction_const == 1.0 and fraction_warm == pytest.approx(0.45)
+    assert 1 / 1.5 < k_warm / k_const < 1.5, (k_warm, k_const)
+    assert k_warm * fraction_warm / k_const < 0.7, "the raw product should shrink under the warm-up"
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lora_export_loads_in_peft_with_the_same_logits(use_rslora, tiny_llama, tmp_path):
     from peft import PeftModel

@@ -157,9 +157,9 @@ def measured_step(run, step: int) -> dict:
     if run.scalora is not None:
         original = run.scalora.refactor
 
-        def recorded_refactor():
+        def recorded_refactor(step=None):
             with make_recorder() as rec:
-                report = original()
+                report = original(step)
             refactor_calls.extend(rec.calls)
             report_box["reduced_bytes"] = report.reduced_bytes
             report_box["gathered_bytes"] = report.gathered_bytes

@@ -393,14 +393,14 @@ def run(args) -> Path:
     state = {"step": None}
     diag_time = [0.0]
 
-    def refactor_with_diagnostics():
+    def refactor_with_diagnostics(step=None):
         t0 = time.perf_counter()
         sc = run_.scalora
         todo = [(n, l) for n, l in zip(names, sc.layers)
                 if l.lora_A.grad is not None and l.lora_B.grad is not None]
         with torch.no_grad():  # as in ScaLoRA.refactor
             grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale) for _, l in todo]
-        kappa = sc.kappa if sc.kappa is not None else rf.auto_kappa(grams)
+        kappa = sc.kappa if sc.kappa is not None else rf.auto_kappa(grams, sc.lr_fraction(step))
         recs = []
         if kappa is not None:
             kappa *= sc.cfg.kappa_multiplier
@@ -410,7 +410,7 @@ def run(args) -> Path:
                 recs.append(rec)
         diag_time[0] += time.perf_counter() - t0
         calls.clear()
-        report = original_refactor()
+        report = original_refactor(step)
         if recs:
             assert len(calls) == len(recs), (len(calls), len(recs))
             for rec, (P, Q), (Pc, Qc, kind) in zip(recs, grams, calls):

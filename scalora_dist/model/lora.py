@@ -211,8 +211,8 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> li
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list[str]:
     """Freeze the model and make the targeted layers trainable as `cfg.method` says.
 
-    lora / scalora: add LoRA factors to each target (only the factors train). For scalora
-    the base weights become float32, since per-step merges are too small for bf16.
+    lora / scalora / relora: add LoRA factors to each target (only the factors train). For
+    scalora and relora the base weights become float32, since merges are rounded in bf16.
     full: the targeted weights themselves train (in float32).
     On the meta device the factors stay uninitialised (the loader fills them).
     Returns the targeted module names.
@@ -227,6 +227,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> list
             linear.weight.requires_grad_(True)
             continue
         accumulator_rank = 0
+        if cfg.method == "relora":
+            linear.float()  # its merges, like ScaLoRA's, would round away in bf16
         if cfg.method == "scalora":
             if is_quantized_linear(linear):
                 accumulator_rank = cfg.scalora.accumulator_rank

@@ -76,11 +76,14 @@ class ScaLoRA:
         layers: list[LoRALinear],
         optimizer: torch.optim.Optimizer,
         all_reduce: AllReduce | None = None,
+        lr_multiplier: Callable[[int], float] | None = None,
     ):
         self.cfg = cfg
         self.layers = layers
         self.optimizer = optimizer
         self.all_reduce = all_reduce
+        self.lr_multiplier = lr_multiplier
+        """The LR schedule as a fraction of the peak lr, by step: what kappa='auto' corrects for."""
         self.kappa: float | None = None if cfg.kappa == "auto" else float(cfg.kappa)
 
     def is_due(self, step: int) -> bool:
@@ -104,7 +107,9 @@ class ScaLoRA:
         self.kappa = state["kappa"]
 
     @torch.no_grad()
-    def refactor(self) -> RefactorReport:
+    def refactor(self, step: int | None = None) -> RefactorReport:
+        """Rewrite every layer with gradients; `step`: optimizer steps taken so far (what
+        kappa='auto' needs to know about the learning rate that built the adapters)."""
         layers = [l for l in self.layers if l.lora_A.grad is not None and l.lora_B.grad is not None]
         # Partial statistics over this rank's rows of lora_B and columns of lora_A (and, for
         # 4-bit layers, the Grams that re-compress the accumulator).
@@ -144,7 +149,7 @@ class ScaLoRA:
         stats = _unflatten(flat[:n_stats].cpu(), stats)
         grams = [(P, Q) for P, Q, *_ in stats]
         if self.kappa is None:
-            self.kappa = auto_kappa(grams)
+            self.kappa = auto_kappa(grams, self.lr_fraction(step))
             if self.kappa is None:  # adapters still all zero: nothing to scale yet
                 report.skipped = len(self.layers)
                 return report
@@ -168,6 +173,12 @@ class ScaLoRA:
         for layer in self.layers:
             layer.full_A = None
         return report
+
+    def lr_fraction(self, step: int | None) -> float:
+        """Mean learning rate of the steps taken so far, as a fraction of the peak."""
+        if self.lr_multiplier is None or not step:
+            return 1.0
+        return sum(self.lr_multiplier(t) for t in range(step)) / step
 
     @staticmethod
     def _layer_statistics(layer: LoRALinear) -> list[torch.Tensor]:
@@ -252,23 +263,17 @@ def _needs_full_A(layer: LoRALinear) -> bool:
     return isinstance(layer.lora_A, DTensor) and layer.acc_U is None and layer.full_A is None
 
 
-def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
-    """Mean of ||a_i|| ||b_i|| over layers and columns, so the first refactors start near
-    alpha*beta = 1; None while the adapters are still zero."""
-    if not grams:
+def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]], lr_fraction: float = 1.0) -> float | None:
+    """kappa='auto': the mean of ||a_i|| ||b_i|| over layers and columns, divided by the mean
+    learning rate the adapters have seen so far as a fraction of the peak (`lr_fraction`).
+
+    From a zero lora_B, Adam grows ||b_i|| about in proportion to the summed learning rate,
+    so the raw product measures the warm-up as much as the task: after 10 steps of a linear
+    LR warm-up it is ~0.45x what 10 steps at the peak lr give. Dividing by the lr fraction
+    makes kappa the product the adapters reach after the same number of steps at the peak
+    lr, whatever the schedule (docs/method.md, "kappa"). None while the adapters are zero."""
+    if not grams or not (lr_fraction > 0):
         return None
     products = torch.cat([sm.column_norm_products(P, Q) for P, Q in grams])
-    kappa = products.mean().item()
+    kappa = products.mean().item() / lr_fraction
     return kappa if math.isfinite(kappa) and kappa > 0 else None
-
-
-def _unflatten(flat: torch.Tensor, like: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Views of `flat` with the shapes of `like` (the per-layer statistics it was built from)."""
-    out, offset = [], 0
-    for layer_stats in like:
-        views = []
-        for t in layer_stats:
-            views.append(flat[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
-        out.append(views)
-    return out
