@@ -277,3 +277,15 @@ def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]], lr_fraction: floa
     products = torch.cat([sm.column_norm_products(P, Q) for P, Q in grams])
     kappa = products.mean().item() / lr_fraction
     return kappa if math.isfinite(kappa) and kappa > 0 else None
+
+
+def _unflatten(flat: torch.Tensor, like: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Views of `flat` with the shapes of `like` (the per-layer statistics it was built from)."""
+    out, offset = [], 0
+    for layer_stats in like:
+        views = []
+        for t in layer_stats:
+            views.append(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        out.append(views)
+    return out
