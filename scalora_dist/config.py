@@ -58,6 +58,13 @@ class ModelConfig:
     """Attention kernel. `flash_attention_2` needs the optional flash-attn package."""
     gradient_checkpointing: bool = False
     """Recompute decoder-block activations in the backward pass to save memory."""
+    chunked_loss: bool = True
+    """Compute the training loss through the output head a chunk of positions at a time,
+    recomputing each chunk's logits in the backward pass, so the whole (tokens x vocabulary)
+    logits never exist; same loss and gradients. false: transformers' own loss."""
+    loss_chunk_tokens: int = 0
+    """Positions per chunk of the chunked loss; 0: as many as make 128 MiB of float32 logits
+    (128 positions for Gemma-3's 262k vocabulary, 682 for Llama-3's 128k)."""
 
 
 @dataclass
@@ -375,6 +382,8 @@ def validate(config: Config) -> None:
     m, a, d, t = config.model, config.adapter, config.data, config.train
     if not m.path:
         raise ConfigError("model.path: required (a local transformers checkpoint directory or a hub model id)")
+    if m.loss_chunk_tokens < 0:
+        raise ConfigError(f"model.loss_chunk_tokens: must be >= 0 (0: automatic), got {m.loss_chunk_tokens}")
     _positive("adapter.rank", a.rank)
     _positive("adapter.alpha", a.alpha)
     if not 0.0 <= a.dropout < 1.0:

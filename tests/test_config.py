@@ -51,7 +51,7 @@ def test_yaml_file_and_override_precedence(tmp_path):
     ("train.lr=fast", "train.lr: expected a number"),
     ("adapter.rank=2.5", "adapter.rank: expected an integer"),
     ("adapter.use_rslora=maybe", "adapter.use_rslora: expected true or false"),
-    ("adapter.method=qlora", "adapter.method: 'qlora' is not one of lora, scalora, full"),
+    ("adapter.method=qlora", "adapter.method: 'qlora' is not one of lora, scalora, relora, full"),
     ("adapter.scalora.kappa=big", "adapter.scalora.kappa"),
     ("adapter.rank=0", "adapter.rank: must be > 0"),
     ("adapter.dropout=0.1", "adapter.dropout: must be 0 for method scalora"),

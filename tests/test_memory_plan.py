@@ -125,11 +125,17 @@ def test_gemma3_12b_totals_agree_with_the_readme_figures():
 def test_checkpointing_and_the_loss_head_in_activations():
     shape = mp.SHAPES["gemma3-12b"]
     layer = mp.formula_layer_activations(shape, 16)
-    on = mp.activations(shape, layer, 1, 2048, checkpointing=True)
-    off = mp.activations(shape, layer, 1, 2048, checkpointing=False)
+    on = mp.activations(shape, layer, 1, 2048, checkpointing=True, chunked_loss=False)
+    off = mp.activations(shape, layer, 1, 2048, checkpointing=False, chunked_loss=False)
     logits = 2048 * 262144
     assert on.loss_head == 14 * logits
     assert off.peak > shape.layers * layer.saved(1, 2048) > on.peak > on.loss_head
+    # the chunked loss holds one chunk of logits (plus the hidden states' gradient), not all
+    chunked = mp.activations(shape, layer, 1, 2048, checkpointing=True)
+    assert chunked.loss_head == 10 * mp.CHUNK_ELEMENTS + 4 * 2048 * shape.hidden
+    assert chunked.peak < on.peak - 12 * logits
+    longer = mp.activations(shape, layer, 1, 8192, checkpointing=True)
+    assert longer.loss_head - chunked.loss_head == 4 * (8192 - 2048) * shape.hidden
     # ScaLoRA on one GPU saves no bf16 copies of its float32 masters, with or without
     # checkpointing; on a 4-bit base it holds its float32 accumulators (0.98 GiB at R = 64)
     no_ckpt = _rows(checkpointing=False)
@@ -162,3 +168,20 @@ def test_8bit_optimizer_applies_to_one_gpu_and_fsdp2_rows_use_adamw():
     for key in adamw:
         if key[2] > 1:
             assert bnb8[key].optimizer == adamw[key].optimizer
+
+
+def test_the_chunked_loss_brings_the_big_recipes_onto_small_cards():
+    """Issue goals, in the plan: the 12B 4-bit one-GPU recipe (r 16, 8-bit AdamW, 2048
+    tokens) under 12 GiB, and Llama-3.1-8B 4-bit LoRA r 32 at >= 16k tokens on a 16 GB card;
+    the plain loss does neither. Longer sequences never fit where shorter ones do not."""
+    def one_gpu(shape, **kw):
+        rows = mp.plan(mp.SHAPES[shape], optimizer="adamw8bit", gpu_counts=(1,), **kw)
+        return {(r.base, r.method): r.total for r in rows}
+
+    assert one_gpu("gemma3-12b")[("nf4", "scalora")] / GiB < 12
+    assert one_gpu("gemma3-12b", chunked_loss=False)[("nf4", "scalora")] / GiB > 16
+    llama = mp.SHAPES["llama3.1-8b"]
+    chunked = mp.longest_sequence(llama, "nf4", "lora", 16e9, rank=32, optimizer="adamw8bit")
+    plain = mp.longest_sequence(llama, "nf4", "lora", 16e9, rank=32, optimizer="adamw8bit", chunked_loss=False)
+    assert chunked >= 16384 > plain
+    assert mp.longest_sequence(llama, "nf4", "lora", 24e9, rank=32, optimizer="adamw8bit") > chunked

@@ -104,3 +104,24 @@ def test_the_peft_adapter_and_the_merged_model_give_the_same_logits(runs, smollm
         a, b, c = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, plain(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (a - c).abs().max() > 1e-3, "the adapter must change the model"
+
+
+def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path):
+    """tools/study_real.py --quick: LoRA and ScaLoRA on the stdlib docstring -> function task
+    (real standard-library text) from the real SmolLM2, a report with each method's held-out
+    loss and ScaLoRA's kappa and refactor split; a second call trains nothing."""
+    cmd = [sys.executable, "tools/study_real.py", "--quick", "--model", str(smollm2),
+           "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    first_call = assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))
+    results = json.loads((tmp_path / "out/study_real_quick.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "scalora"]
+    assert all(0 < r["final_eval"] < 10 for r in results)
+    scalora = results[1]
+    assert scalora["kappa"] > 0 and sum(scalora["refactor"].values()) > 0
+    train = (tmp_path / "work/data/train.jsonl").read_text().splitlines()
+    first = json.loads(train[0])["messages"]
+    assert first[0]["role"] == "user" and first[1]["content"].startswith("def ")
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert_ok(again)
+    assert ": eval " not in again.stdout and ": eval " in first_call.stdout, "a cached run was trained again"

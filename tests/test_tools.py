@@ -63,3 +63,14 @@ def test_bench_quant_fidelity_table():
     out = _tool("tools/bench_quant.py", "--size", "64", "--rank", "2", "--steps", "3",
                 "--acc-ranks", "8", "--skip-real")
     assert "naive requantisation" in out and "R=8" in out
+
+
+def test_bench_loss_shows_the_chunked_head_holding_less_than_the_plain_one():
+    """A vocabulary large enough that the whole logits dominate (64 x 32768 = 2M per row of
+    tokens): the chunked loss, 4 chunks here, peaks lower and gives the same loss."""
+    out = _tool("tools/bench_loss.py", "--hidden", "64", "--vocab", "32768", "--tokens", "1024",
+                "--dtype", "float32", "--chunk-tokens", "256")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
+    plain, chunked = float(rows["plain"][0]), float(rows["chunked"][0])
+    assert chunked < 0.5 * plain, out
+    assert rows["plain"][3].strip() == rows["chunked"][3].strip(), out  # the loss, to 6 decimals

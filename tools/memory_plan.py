@@ -76,6 +76,13 @@ ADAM8BIT_BLOCK, ADAM8BIT_MIN_SIZE, ADAM8BIT_QMAPS = 256, 4096, 2 * 256 * FP32
 # float32 log-softmax saved for backward + the float32 gradient arriving at it + the float32
 # gradient it produces.
 LOSS_HEAD_PEAK_BYTES = BF16 + 3 * FP32
+# The chunked loss (model.chunked_loss, the default) holds one chunk of logits at a time:
+# CHUNK_ELEMENTS (token x vocabulary entries) per chunk, whatever the sequence length. Per
+# chunk element at most its bf16 logits, their float32 upcast and the float32 gradient of the
+# softmax (an upper bound: tools/bench_loss.py measures less, see the README); plus the
+# float32 gradient of the hidden states that the chunks fill in turn.
+CHUNK_ELEMENTS = 1 << 25  # scalora_dist/model/chunked_loss.py: DEFAULT_CHUNK_ELEMENTS
+CHUNKED_LOSS_PEAK_BYTES = BF16 + 2 * FP32
 
 
 @dataclass(frozen=True)
@@ -256,17 +263,28 @@ class Activations:
     peak: float
 
 
-def activations(shape: Shape, layer: LayerActivations, b: int, s: int, checkpointing: bool) -> Activations:
-    """With checkpointing, the loss head peaks (LOSS_HEAD_PEAK_BYTES) at the start of the
-    backward, before any layer is recomputed; afterwards only the bf16 logits stay while one
-    layer at a time is recomputed. Without, every layer's activations are alive at the loss."""
+def loss_head_peak(shape: Shape, tokens: int, chunked: bool) -> float:
+    """Bytes the loss head holds at its peak: the whole logits and their float32 companions
+    (transformers' loss), or one chunk of them plus the hidden states' gradient (chunked)."""
+    if not chunked:
+        return LOSS_HEAD_PEAK_BYTES * tokens * shape.vocab
+    return CHUNKED_LOSS_PEAK_BYTES * min(CHUNK_ELEMENTS, tokens * shape.vocab) + FP32 * tokens * shape.hidden
+
+
+def activations(shape: Shape, layer: LayerActivations, b: int, s: int, checkpointing: bool,
+                chunked_loss: bool = True) -> Activations:
+    """With checkpointing, the loss head peaks at the start of the backward, before any layer
+    is recomputed; afterwards (plain loss) only the bf16 logits stay while one layer at a time
+    is recomputed, or (chunked) nothing of the head. Without checkpointing, every layer's
+    activations are alive at the loss."""
     tokens = b * s
     rope = shape.rope_types() * 2 * tokens * shape.head_dim * FP32
-    loss_peak = LOSS_HEAD_PEAK_BYTES * tokens * shape.vocab
+    loss_peak = loss_head_peak(shape, tokens, chunked_loss)
     if checkpointing:
         boundaries = shape.layers * tokens * shape.hidden * BF16
         one_layer = layer.saved(b, s)
-        peak = boundaries + rope + max(loss_peak, BF16 * tokens * shape.vocab + one_layer)
+        kept_logits = 0.0 if chunked_loss else BF16 * tokens * shape.vocab
+        peak = boundaries + rope + max(loss_peak, kept_logits + one_layer)
         return Activations(boundaries, one_layer, loss_peak, rope, peak)
     layers = shape.layers * layer.saved(b, s)
     return Activations(0.0, layers, loss_peak, rope, layers + rope + loss_peak)
@@ -350,10 +368,10 @@ def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank:
 
 def plan(shape: Shape, rank: int = 16, acc_rank: int = 64, micro_batch: int = 1, seq_len: int = 2048,
          optimizer: str = "adamw", checkpointing: bool = True, layer: LayerActivations | None = None,
-         gpu_counts: Sequence[int] = (1, 8, 64)) -> list[PlanRow]:
+         gpu_counts: Sequence[int] = (1, 8, 64), chunked_loss: bool = True) -> list[PlanRow]:
     """Per-rank bytes for base {bf16, nf4} x method {lora, scalora} x gpu_counts."""
     layer = layer or formula_layer_activations(shape, rank)
-    act = activations(shape, layer, micro_batch, seq_len, checkpointing).peak
+    act = activations(shape, layer, micro_batch, seq_len, checkpointing, chunked_loss).peak
     sizes = adapter_tensor_sizes(shape, rank) * shape.layers
     n_adapter = sum(sizes)
     rows = []
@@ -687,6 +705,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep every layer's activations (default: gradient checkpointing per layer)")
+    p.add_argument("--plain-loss", dest="chunked_loss", action="store_false",
+                   help="transformers' loss over the whole logits (default: the chunked loss, model.chunked_loss)")
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                    help="measure real decoder layers on CPU (default on)")
     p.add_argument("--layers-measured", type=int, default=1, help="real decoder layers to build")
@@ -710,8 +730,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                            args.measure_seq_lens)
     layer = measured.activations if measured else formula_layer_activations(shape, args.rank)
     rows = plan(shape, args.rank, args.accumulator_rank, args.micro_batch, args.seq_len, args.optimizer,
-                args.checkpointing, layer)
-    act = activations(shape, layer, args.micro_batch, args.seq_len, args.checkpointing)
+                args.checkpointing, layer, chunked_loss=args.chunked_loss)
+    act = activations(shape, layer, args.micro_batch, args.seq_len, args.checkpointing, args.chunked_loss)
 
     unit, unit_name = unit_for(rows)
     print(f"## Memory plan per rank ({unit_name}, computed): {describe(shape)}")
@@ -723,7 +743,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(plan_table(rows, unit))
     print()
-    print(legend(shape, act, args.checkpointing, unit, unit_name, rank=args.rank))
+    print(legend(shape, act, args.checkpointing, unit, unit_name, rank=args.rank, chunked_loss=args.chunked_loss))
+    if not args.tiny:
+        print()
+        print(f"## Longest sequence on one GPU (b = 1, r = {args.rank}, gradient checkpointing, "
+              f"{'chunked' if args.chunked_loss else 'plain'} loss, {args.optimizer})")
+        print()
+        print(fits_table(shape, args.rank, args.accumulator_rank, args.optimizer, args.chunked_loss))
     if args.optimizer != "adamw":
         print(f"* optimizer: {args.optimizer} on one GPU only; the multi-GPU rows use AdamW (float32, "
               "sharded), the only optimizer our FSDP2 path accepts (scalora_dist/optim.py).")
@@ -740,8 +766,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(measured_table(shape, args.rank, args.optimizer, measured))
 
 
+CARDS_GB = (16, 24, 80)
+CARD_RESERVE = 1.0 * GiB  # CUDA context, kernels and allocator slack, which the plan leaves out
+
+
+def longest_sequence(shape: Shape, base: str, method: str, card_bytes: float, rank: int = 16,
+                     acc_rank: int = 64, optimizer: str = "adamw", chunked_loss: bool = True) -> int:
+    """The longest s (a multiple of 256) whose one-GPU total, b = 1 with checkpointing, fits in
+    `card_bytes` less CARD_RESERVE; 0 if not even 256 tokens fit."""
+    def fits(s: int) -> bool:
+        rows = plan(shape, rank, acc_rank, 1, s, optimizer, True, gpu_counts=(1,), chunked_loss=chunked_loss)
+        row = next(r for r in rows if r.base == base and r.method == method)
+        return row.total <= card_bytes - CARD_RESERVE
+
+    low, high = 0, 1 << 22
+    while high - low > 256:
+        mid = (low + high) // 2 // 256 * 256
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low if low == 0 or fits(low) else 0
+
+
+def fits_table(shape: Shape, rank: int, acc_rank: int, optimizer: str, chunked_loss: bool) -> str:
+    body = []
+    for method in ("lora", "scalora"):
+        cells = [f"{longest_sequence(shape, 'nf4', method, gb * 1e9, rank, acc_rank, optimizer, chunked_loss):,}"
+                 for gb in CARDS_GB]
+        body.append([f"nf4 {method}", *cells])
+    return markdown_table(["4-bit base", *(f"{gb} GB card" for gb in CARDS_GB)], body) + (
+        f"\n\nTokens per sequence; the card less {CARD_RESERVE / GiB:.0f} GiB for the CUDA context and allocator slack.")
+
+
 def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB, unit_name: str = "GiB",
-           rank: int = 16) -> str:
+           rank: int = 16, chunked_loss: bool = True) -> str:
     def g(x: float) -> str:
         return gib(x, unit)
 
@@ -749,11 +805,14 @@ def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB,
         f"Activations (same for every row: data parallel, each rank runs its own micro-batch) = "
         f"{g(act.peak)} {unit_name} at the peak: "
         + (f"layer-input boundaries {g(act.boundaries)} + rotary tables {g(act.rope)} + the larger of the "
-           f"loss-head peak {g(act.loss_head)} and (bf16 logits + one recomputed layer "
+           f"loss-head peak {g(act.loss_head)} and ({'' if chunked_loss else 'bf16 logits + '}one recomputed layer "
            f"{g(act.layers)})" if checkpointing else
            f"all layers {g(act.layers)} + rotary tables {g(act.rope)} + loss-head peak {g(act.loss_head)}")
-        + f". The loss head is {LOSS_HEAD_PEAK_BYTES} bytes x tokens x vocab (bf16 logits, float32 log-softmax,"
-          " its float32 gradient in and out) and is not sharded by FSDP2.",
+        + (f". The loss head is chunked (model.chunked_loss): one chunk of {CHUNK_ELEMENTS:,} logits at a time, "
+           f"{CHUNKED_LOSS_PEAK_BYTES} bytes each at most, plus the float32 gradient of the hidden states; nothing "
+           "of it is kept between the forward and the backward." if chunked_loss else
+           f". The loss head is {LOSS_HEAD_PEAK_BYTES} bytes x tokens x vocab (bf16 logits, float32 log-softmax,"
+           " its float32 gradient in and out) and is not sharded by FSDP2."),
         "frozen base: bf16 / float32 masters (scalora on bf16) / NF4 codes + QuantState, plus bf16 embeddings "
         "and norms, all sharded except NF4 QuantState (always whole) and `replicated` codes.",
         "ScaLoRA extra: nf4, the float32 rank-R accumulators (sharded). No bf16 compute copies of the float32 "

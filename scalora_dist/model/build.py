@@ -23,6 +23,7 @@ from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig
 from scalora_dist.model.loading import (
     load_checkpoint_weights, local_block, local_offsets, model_dtype,
 )
+from scalora_dist.model.chunked_loss import enable_chunked_loss
 from scalora_dist.model.lora import find_target_linears, initial_lora_A, inject_adapters, lora_layers
 from scalora_dist.model.quant import is_quantized_linear, quantize_linears_, require_bitsandbytes
 from scalora_dist.model.sharding import apply_fsdp, compute_dtype
@@ -73,6 +74,8 @@ def build_model(
         inject_adapters(model, adapter_cfg, seed=seed)
     else:
         model.requires_grad_(False)
+    if model_cfg.chunked_loss:
+        enable_chunked_loss(model, model_cfg.loss_chunk_tokens)
     if mesh is not None:
         codes = {m.weight for m in model.modules() if is_quantized_linear(m)}
         apply_fsdp(
