@@ -85,6 +85,12 @@ def batch(vocab_size: int, seed: int, n: int = 2, length: int = 12) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def probe(vocab_size: int) -> dict:
+    """The probe batch without labels: the model's logits (given labels, our training models
+    compute only the chunked loss, no logits)."""
+    return {"input_ids": batch(vocab_size, PROBE_SEED)["input_ids"]}
+
+
 def train(model, optimizer, steps, first_seed=0) -> None:
     """Every rank sees the same batches (the production plan sums gradients across ranks:
     the same update direction, and AdamW is invariant to the gradient's scale)."""
@@ -152,7 +158,7 @@ def main_job(rank, world, port, model_dir, ckpt_root, out_dir) -> None:
         save_checkpoint(ckpt_root, step, model, opt, app, keep_last=2)
     ref = full_state(model, opt)
     with torch.no_grad():
-        logits = model(**batch(model.config.vocab_size, PROBE_SEED)).logits
+        logits = model(**probe(model.config.vocab_size)).logits
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     got = export_merged(model, out_dir / "one", tokenizer, dtype=torch.float32)

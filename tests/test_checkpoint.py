@@ -182,7 +182,7 @@ def test_fsdp_checkpoint_loads_in_one_process(fsdp_run, tiny_llama):
     assert app == fsdp_run["ref"]["app"]
     w.assert_same(_plain_state(model, opt), fsdp_run["ref"]["state"])
     with torch.no_grad():
-        logits = model(**w.batch(model.config.vocab_size, w.PROBE_SEED)).logits
+        logits = model(**w.probe(model.config.vocab_size)).logits
     torch.testing.assert_close(logits, fsdp_run["ref"]["logits"])
 
 
