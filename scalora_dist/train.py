@@ -199,6 +199,7 @@ def train_step(run: Run, step: int) -> StepResult:
         log.warning("step %d: %s; skipping the update (train.on_nonfinite_loss=skip)", step + 1, what)
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
+        _restart_relora_if_due(run, step)
         return StepResult(loss, tokens, float("nan"), None, skipped=True, labelled_tokens=labelled)
     report = None
     if run.scalora is not None and run.scalora.is_due(step):
@@ -209,9 +210,15 @@ def train_step(run: Run, step: int) -> StepResult:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    _restart_relora_if_due(run, step)
+    return StepResult(loss, tokens, grad_norm, report, labelled_tokens=labelled)
+
+
+def _restart_relora_if_due(run: Run, step: int) -> None:
+    """After optimizer step `step` (0-based), skipped or not: the restarts keep their places
+    in the schedule, whose re-warm-ups follow them."""
     if run.relora is not None and run.relora.is_due(step + 1, run.total_steps):
         run.relora.restart(step + 1)
-    return StepResult(loss, tokens, grad_norm, report, labelled_tokens=labelled)
 
 
 def total_grad_norm(params: list[nn.Parameter]) -> float:
