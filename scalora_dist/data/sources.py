@@ -20,7 +20,6 @@ Malformed JSON is only looked for (by re-reading the file line by line) when
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +98,9 @@ def _hub_dataset(spec: DataSource, local: Path) -> Path:
     try:
         return Path(snapshot_download(spec.path, repo_type="dataset", revision=spec.revision or None))
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        reason = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
+        from scalora_dist.model.hub import unreachable_hub_reason
+
+        reason = unreachable_hub_reason()
         raise DataError(
             f"{spec.path}: not a local file or folder (looked for {local.resolve()}) and not a "
             f"dataset in the Hugging Face cache, and {reason}; download it on a connected "

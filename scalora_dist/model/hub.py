@@ -59,8 +59,7 @@ def resolve_model_dir(cfg: ModelConfig, *, local_files_only: bool = False) -> Pa
             local_files_only=local_files_only,
         )
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        reason = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
+        reason = unreachable_hub_reason()
         raise ConfigError(
             f"model.path: {where} is not a local directory (looked for {local.resolve()}) and "
             f"is not in the Hugging Face cache ({_hub_cache()}), and {reason}; download it on a "
@@ -106,3 +105,9 @@ def _hub_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
+
+
+def unreachable_hub_reason() -> str:
+    """Why a file that is not in the cache could not be fetched, for error messages."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
