@@ -35,6 +35,7 @@ from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, 
 from torch.distributed import is_initialized as dist_is_initialized
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.model.build import build_model
+from scalora_dist.model.compile import compiled_frame_count
 from scalora_dist.model.hub import model_reference, resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer, model_dtype
 from scalora_dist.model.lora import lora_layers, save_peft_adapter
@@ -112,7 +113,9 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     model_dir = resolve_model_once_per_node(cfg.model, dist)
     tokenizer = load_tokenizer(model_dir)
     mesh = init_device_mesh(dist.device.type, (dist.world_size,)) if dist.distributed else None
-    model = build_model(model_dir, cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, mesh=mesh)
+    model = build_model(
+        model_dir, cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, mesh=mesh, compile=cfg.train.compile
+    )
 
     def loader(files: list[str], train: bool) -> BatchLoader:
         return BatchLoader(
@@ -307,6 +310,8 @@ def train(
                     "grad_norm": result.grad_norm,
                     "peak_rss_mib": round(all_reduce_max(peak_rss_mib(), run.device), 1),
                 }
+                if cfg.train.compile:
+                    record["compiled_frames"] = compiled_frame_count()
                 history.append(record)
                 dropped = record.get("scalora_acc_dropped_fraction")
                 if dropped is not None and dropped > ACC_DROPPED_WARNING and not warned_dropped:

@@ -38,6 +38,9 @@ VARIANTS = {
     "lora-nf4": ["adapter.method=lora", "model.dtype=bfloat16", "model.load_in_4bit=true"],
     "scalora-bf16": ["adapter.method=scalora", "model.dtype=bfloat16"],
     "scalora-nf4": ["adapter.method=scalora", "model.dtype=bfloat16", "model.load_in_4bit=true"],
+    # torch.compile of the decoder blocks (train.compile); --warmup covers the compile
+    "lora-compiled": ["adapter.method=lora", "train.compile=true"],
+    "scalora-compiled": ["adapter.method=scalora", "adapter.scalora.interval=1", "train.compile=true"],
 }
 
 

@@ -24,6 +24,7 @@ from scalora_dist.model.loading import (
     load_checkpoint_weights, local_block, local_offsets, model_dtype,
 )
 from scalora_dist.model.chunked_loss import enable_chunked_loss
+from scalora_dist.model.compile import compile_decoder_blocks
 from scalora_dist.model.lora import find_target_linears, initial_lora_A, inject_adapters, lora_layers
 from scalora_dist.model.quant import is_quantized_linear, quantize_linears_, require_bitsandbytes
 from scalora_dist.model.sharding import apply_fsdp, compute_dtype
@@ -55,9 +56,11 @@ def build_model(
     *,
     seed: int = 0,
     mesh: DeviceMesh | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """The model of `model_dir` (a resolved local checkpoint directory), adapted as
-    `adapter_cfg` says (None: frozen, no adapters), FSDP2-sharded over `mesh` when given."""
+    `adapter_cfg` says (None: frozen, no adapters), FSDP2-sharded over `mesh` when given,
+    its decoder blocks compiled when `compile` (train.compile)."""
     check_attention(model_cfg)
     model_dir = Path(model_dir)
     dtype = model_dtype(model_cfg, device)
@@ -76,6 +79,8 @@ def build_model(
         model.requires_grad_(False)
     if model_cfg.chunked_loss:
         enable_chunked_loss(model, model_cfg.loss_chunk_tokens)
+    if compile:
+        compile_decoder_blocks(model)
     if mesh is not None:
         codes = {m.weight for m in model.modules() if is_quantized_linear(m)}
         apply_fsdp(
