@@ -74,3 +74,23 @@ def test_bench_loss_shows_the_chunked_head_holding_less_than_the_plain_one():
     plain, chunked = float(rows["plain"][0]), float(rows["chunked"][0])
     assert chunked < 0.5 * plain, out
     assert rows["plain"][3].strip() == rows["chunked"][3].strip(), out  # the loss, to 6 decimals
+
+
+@pytest.mark.slow
+def test_bench_peers_runs_the_three_contenders_on_the_same_batches(tmp_path):
+    """scalora-dist, PEFT + a torch loop and PEFT + Trainer on 1 and 2 processes (FSDP2 vs
+    DDP). With one process all three start from the same base and the same first batch,
+    so their first losses agree: the data really is the same."""
+    import json
+
+    _tool("tools/bench_peers.py", "--tiny", "--steps", "1", "--warmup", "1", "--max-length", "64",
+          "--nprocs", "1,2", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "bench_peers.json").read_text())
+    assert set(results) == {"1", "2"}
+    for by_name in results.values():
+        assert set(by_name) == {"scalora-dist", "peft-loop", "peft-trainer"}
+        for figures in by_name.values():
+            assert figures["tokens_per_s"] > 0 and figures["peak_rss_mib"] > 100
+    first = {name: r["first_loss"] for name, r in results["1"].items()}
+    assert max(first.values()) - min(first.values()) < 1e-5 * first["scalora-dist"], first
+    assert "| 2 | peft-trainer |" in (tmp_path / "bench_peers.md").read_text()
