@@ -9,7 +9,8 @@ round trip bitsandbytes makes at every step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -93,3 +94,25 @@ def reset_adam_state(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> N
                 value.zero_()
     else:
         optimizer.state.pop(param)
+
+
+def lr_multiplier(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """train.lr_scheduler as a fraction of the peak lr by step: a linear warm-up, then cosine
+    or linear decay to 0, or constant. The formulas of transformers' get_scheduler ("cosine",
+    "linear", "constant_with_warmup"; tests/test_optim.py compares them step by step), not
+    imported from there: transformers.optimization imports its Trainer utilities, which
+    import peft and bitsandbytes, ~3 s at the start of every process of every job."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"train.lr_scheduler: {kind!r} is not one of cosine, linear, constant")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return multiplier

@@ -25,7 +25,6 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
 
 from scalora_dist.checkpoint import load_checkpoint, save_checkpoint
 from scalora_dist.export import export_merged
@@ -39,13 +38,12 @@ from scalora_dist.model.compile import compiled_frame_count
 from scalora_dist.model.hub import model_reference, resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer, model_dtype
 from scalora_dist.model.lora import lora_layers, save_peft_adapter
-from scalora_dist.optim import build_optimizer
+from scalora_dist.optim import build_optimizer, lr_multiplier
 from scalora_dist.relora import ReLoRA, with_rewarmup
 from scalora_dist.rundir import clear_run, nothing_to_do, plan_start
 from scalora_dist.stopping import SaveClock, StopSignals, agree, clear_marker, write_marker
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 FAULT_ENV = "SCALORA_DIST_FAULT"
 ACC_DROPPED_WARNING = 0.10
 """Warn once when re-compressing a 4-bit base's accumulators drops more than this share
@@ -147,15 +145,11 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
-    """train.lr_scheduler with its warm-up (transformers' schedules), and for relora the
-    re-warm-up after each restart on top."""
-    schedule = get_scheduler(
-        SCHEDULERS[cfg.train.lr_scheduler], optimizer,
-        num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps,
-    )
-    if cfg.adapter.method != "relora":
-        return schedule
-    return LambdaLR(optimizer, [with_rewarmup(f, cfg.adapter.relora) for f in schedule.lr_lambdas])
+    """train.lr_scheduler with its warm-up, and for relora the re-warm-up after each restart on top."""
+    schedule = lr_multiplier(cfg.train.lr_scheduler, cfg.train.warmup_steps, total_steps)
+    if cfg.adapter.method == "relora":
+        schedule = with_rewarmup(schedule, cfg.adapter.relora)
+    return LambdaLR(optimizer, schedule)
 
 
 def count_steps(cfg: Config, train_loader: BatchLoader) -> int:

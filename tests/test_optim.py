@@ -105,3 +105,19 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp2_before_launch(tiny_llam
     assert "launching" not in proc.stderr
     with pytest.raises(ConfigError, match="train.optimizer"):
         build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw_8bit"), distributed=True)
+
+
+@pytest.mark.parametrize("kind, theirs", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize("warmup, total", [(0, 1), (0, 20), (5, 20), (10, 10), (3, 7)])
+def test_lr_schedules_are_transformers_own_step_by_step(kind, theirs, warmup, total):
+    """lr_multiplier keeps transformers' get_scheduler formulas (written out only to keep
+    transformers' Trainer imports out of every process)."""
+    from transformers import get_scheduler
+
+    from scalora_dist.optim import lr_multiplier
+
+    reference = get_scheduler(theirs, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                              num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+    ours = lr_multiplier(kind, warmup, total)
+    for step in range(total + 3):
+        assert ours(step) == pytest.approx(reference(step), abs=1e-15), step

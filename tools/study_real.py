@@ -35,6 +35,10 @@ METHODS = {
     "scalora_rawkappa": ["adapter.method=scalora", "adapter.scalora.interval=1",
                          "adapter.scalora.kappa_multiplier=0.45"],
     "scalora_i10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
+    "scalora_rslora": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.use_rslora=true"],
+    # kappa x4 and x1/4 around the auto rule: is the rule's kappa near the best one?
+    "scalora_k4": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=4"],
+    "scalora_k025": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=0.25"],
     "relora": ["adapter.method=relora"],
     "full": ["adapter.method=full"],
 }
@@ -125,21 +129,40 @@ def main(argv: list[str] | None = None) -> None:
                     summary = summarize_run(run_dir, None)
                     if args.parse_prompts:
                         summary["parse_rate"] = parse_rate(run_dir, files[1], args.parse_prompts, 96)
-                    results.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **summary})
+                    results.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **setting(args), **summary})
     write_report(args, results, time.perf_counter() - started)
+
+
+def setting(args) -> dict:
+    """What besides method, rank, lr and seed tells two runs apart in the report."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
+
+
+def _key(r: dict) -> tuple:
+    return (r["method"], r["rank"], r["lr"], r["seed"], r.get("steps"), r.get("batch_size"), r.get("max_length"))
+
+
+def merged_results(path: Path, new: list[dict]) -> list[dict]:
+    """The report's earlier rows (from other invocations, other settings) with this run's
+    rows replacing the same runs: the report accumulates as the study runs in pieces."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    fresh = {_key(r) for r in new}
+    return [r for r in old if _key(r) not in fresh] + new
 
 
 def write_report(args, results: list[dict], wall: float) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     name = "study_real_quick" if args.quick else "study_real"
+    results = merged_results(args.out_dir / f"{name}.json", results)
     (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
     lines = [
         f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, stdlib docstring -> function",
         "", f"`python tools/study_real.py {' '.join(sys.argv[1:])}` ({wall / 60:.1f} min here; cached runs are free).",
-        f"{args.steps} steps, batch {args.batch_size} packed rows of {args.max_length} tokens, cosine with "
-        f"{args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss (answers only) at the end.", "",
-        "| method | rank | lr | seed | held-out loss | kappa | column / scalar / skip | parses |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Cosine with {args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss (answers only) at "
+        "the end; steps x batch of packed rows x tokens per row in the setting column. Rows of earlier "
+        "invocations are kept.", "",
+        "| method | rank | lr | seed | setting | held-out loss | kappa | column / scalar / skip | parses |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ref = r["refactor"]
@@ -147,11 +170,12 @@ def write_report(args, results: list[dict], wall: float) -> None:
         split = " / ".join(f"{100 * ref[k] / total:.0f}%" for k in ("column", "scalar", "skipped")) if total else "-"
         kappa = f"{r['kappa']:.3g}" if r.get("kappa") else "-"
         parses = f"{100 * r['parse_rate']:.0f}%" if "parse_rate" in r else "-"
-        lines.append(f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {r['final_eval']:.4f} | "
+        where = f"{r.get('steps', '?')} x {r.get('batch_size', '?')} x {r.get('max_length', '?')}"
+        lines.append(f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {where} | {r['final_eval']:.4f} | "
                      f"{kappa} | {split} | {parses} |")
     by_method: dict[str, list[float]] = {}
     for r in results:
-        by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g}", []).append(r["final_eval"])
+        by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g} ({r.get('steps', '?')} steps)", []).append(r["final_eval"])
     if any(len(v) > 1 for v in by_method.values()):
         lines += ["", "| setting | mean | std | seeds |", "|---|---|---|---|"]
         for k, v in by_method.items():
