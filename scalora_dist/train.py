@@ -45,6 +45,9 @@ from scalora_dist.stopping import SaveClock, StopSignals, agree, clear_marker, w
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
 FAULT_ENV = "SCALORA_DIST_FAULT"
+SLOW_STEP_ENV = "SCALORA_DIST_SLOW_STEP"
+"""Seconds every step of a run's first start waits (fault injection: a job slow enough for
+its time limit's warning to fall inside training; a resumed start runs at full speed)."""
 ACC_DROPPED_WARNING = 0.10
 """Warn once when re-compressing a 4-bit base's accumulators drops more than this share
 (Frobenius norm) of a logging window's ScaLoRA merges: beyond it the refactors stop being
@@ -275,6 +278,7 @@ def train(
     window = _Window()
     eval_loss = None
     fault = _fault(dist.rank)
+    slow_step = float(os.environ.get(SLOW_STEP_ENV) or 0)
     warned_dropped = False
     if dist.is_main:
         clear_marker(run_dir)
@@ -294,6 +298,8 @@ def train(
                 raise RuntimeError(f"{FAULT_ENV}: injected failure at step {step + 1} on rank {dist.rank}")
             started = time.perf_counter()
             result = train_step(run, step)
+            if slow_step and checkpoint is None:
+                time.sleep(slow_step)
             window.add(result, time.perf_counter() - started)
             done = step + 1
             if done % cfg.train.log_every == 0 or done == run.total_steps:

@@ -290,8 +290,8 @@ def test_localhost_rendezvous_on_two_nodes_fails_fast_with_a_clear_error(cluster
 # ---------------------------------------------------------------------------------------
 # Time limits and preemption: checkpoint on the signal, requeue, resume
 
-#: A longer run for the stop-and-requeue jobs: 24 steps, a checkpoint every 8.
-LONG = ["train.max_steps=24", "train.save_every=8", "train.keep_last=0"]
+#: A longer run for the stop-and-requeue job: 32 steps, a checkpoint every 8.
+LONG = ["train.max_steps=32", "train.save_every=8", "train.keep_last=0"]
 
 
 @pytest.fixture(scope="module")
@@ -321,33 +321,46 @@ def _wait_until(condition, cluster, job, out, timeout=300, what="") -> None:
         time.sleep(0.3)
 
 
+def _stops(log: str) -> list[int]:
+    """The steps the job stopped at, in order (each rank logs its stop)."""
+    return list(dict.fromkeys(int(m) for m in re.findall(r"stopped at step (\d+) on ", log)))
+
+
 @pytest.mark.slow
-def test_usr1_and_scontrol_requeue_checkpoint_requeue_and_end_with_the_uninterrupted_result(
+def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_and_resume(
     cluster, tiny_llama, reference_long, tmp_path
 ):
-    """`scancel --signal=USR1` (the signal the script's `#SBATCH --signal=USR1@MARGIN` has
-    SLURM send before the time limit; waiting for a real limit costs minutes, since SLURM
-    checks it once a minute), then `scontrol requeue` (SIGTERM to every process, as a
-    preemption): every rank on both nodes finishes its step, one checkpoint is written, the
-    job requeues itself or is requeued, and resumes; the third start finishes with the
-    uninterrupted model."""
+    """One 2 x 2 job stopped three ways, each time checkpointing on every rank, requeueing
+    and resuming: (1) its real time limit: `--time 00:01:00 --signal-margin 40` makes SLURM
+    itself send SIGUSR1 about 20 s in (slurmctld checks limits every 30 s; the first start's
+    steps are slowed, SCALORA_DIST_SLOW_STEP, so the warning falls inside training); (2)
+    `scancel --signal=USR1`, after raising the limit so that no second warning comes; (3)
+    `scontrol requeue`, SIGTERM to every process as in a preemption. The fourth start ends
+    with the uninterrupted run's model."""
     out = tmp_path / "run"
-    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", overrides=LONG)
-    _wait_until(lambda: len(_records(out)) >= 3, cluster, job, out, what="training")
+    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", "--signal-margin", "40",
+                  overrides=LONG, time_limit="00:01:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
+    _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, timeout=240,
+                what="a requeue after the time limit's warning")
+    cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
+    log = _log(out, job)
+    assert re.search(r"stopped at step \d+ on SIGUSR1", log), log[-4000:]  # the warning, not the limit's SIGTERM
+    first = _stops(log)[0]
+    _wait_until(lambda: any(r["step"] > first + 2 for r in _records(out)), cluster, job, out,
+                what="progress after the first requeue")
     cluster.client(["scancel", "--signal=USR1", job])
-    _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, what="a requeue after SIGUSR1")
-    first_stop = re.search(r"stopped at step (\d+) on SIGUSR1", _log(out, job))
-    assert first_stop, _log(out, job)[-4000:]
-    stop_step = int(first_stop.group(1))
-    _wait_until(lambda: any(r["step"] > stop_step + 2 for r in _records(out)), cluster, job, out,
-                what="progress after the requeue")
+    _wait_until(lambda: "restart count 2" in _log(out, job), cluster, job, out, what="a requeue after SIGUSR1")
+    second = _stops(_log(out, job))[1]
+    _wait_until(lambda: any(r["step"] > second + 2 for r in _records(out)), cluster, job, out,
+                what="progress after the second requeue")
     cluster.client(["scontrol", "requeue", job])
     state = cluster.wait(job, timeout=400)
     log = _log(out, job)
     assert state == "COMPLETED", f"{state}\n{log[-6000:]}\n{cluster.logs()}"
-    assert "restart count 2" in log and log.count("stopped after a checkpoint") >= 1, log[-6000:]
-    assert re.search(rf"resumed from \S*/checkpoints/step-{stop_step:08d}", log), log[-6000:]
-    assert "done: 24 steps" in log
+    assert "restart count 3" in log and len(_stops(log)) == 3, log[-6000:]
+    for step in _stops(log):
+        assert re.search(rf"resumed from \S*/checkpoints/step-{step:08d}", log), (step, log[-6000:])
+    assert "done: 32 steps" in log
     _assert_same_weights(reference_long, load_file(str(out / "merged/model.safetensors")))
 
 

@@ -70,9 +70,8 @@ def worker(args: argparse.Namespace) -> None:
     else:
         batches = _batches(cfg, dist, total)
         tokens = [int(b["attention_mask"].sum()) for b in batches]
-        model, optimizer, scheduler = _peft_model(cfg, args.model, dist)
         run = _peft_loop if args.worker == "peft-loop" else _peft_trainer
-        times, losses = run(cfg, model, optimizer, scheduler, batches, dist)
+        times, losses = run(cfg, _peft_model(cfg, args.model), batches, dist)
     result = {"times": times, "losses": losses, "tokens": tokens, "peak_rss_mib": peak_rss_mib()}
     (args.out / f"{args.worker}-rank{dist.rank}.json").write_text(json.dumps(result))
     destroy_distributed(wait_for_peers=True)
@@ -110,26 +109,31 @@ def _batches(cfg, dist, total: int) -> list[dict]:
     return out
 
 
-def _peft_model(cfg, model_dir: Path, dist):
+def _peft_model(cfg, model_dir: Path):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(
+    return get_peft_model(model, LoraConfig(
         r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, lora_dropout=0.0, target_modules="all-linear",
         use_rslora=False, task_type="CAUSAL_LM",
     ))
-    if dist.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+
+
+def _optimizer_and_schedule(cfg, model):
+    """AdamW and the cosine schedule with warm-up, as scalora-dist's config says."""
+    import torch
+    from transformers import get_scheduler
+
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
         eps=cfg.train.adam_eps, weight_decay=0.0,
     )
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
                               num_training_steps=cfg.train.max_steps)
-    return model, optimizer, scheduler
+    return optimizer, scheduler
 
 
 def _peer_inputs(batch: dict) -> dict:
@@ -137,9 +141,12 @@ def _peer_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "attention_mask" or "position_ids" not in batch}
 
 
-def _peft_loop(cfg, model, optimizer, scheduler, batches, dist) -> tuple[list[float], list[float]]:
+def _peft_loop(cfg, model, batches, dist) -> tuple[list[float], list[float]]:
     import torch
 
+    if dist.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer, scheduler = _optimizer_and_schedule(cfg, model)
     times, losses = [], []
     model.train()
     for batch in batches:
@@ -155,23 +162,15 @@ def _peft_loop(cfg, model, optimizer, scheduler, batches, dist) -> tuple[list[fl
     return times, losses
 
 
-def _peft_trainer(cfg, model, optimizer, scheduler, batches, dist) -> tuple[list[float], list[float]]:
-    """transformers' Trainer over the same micro-batches. Its data loader is replaced by one
-    over this rank's ready micro-batches (the documented get_train_dataloader override), so
-    Trainer does not re-shard or re-collate them; everything else is Trainer's own."""
+def _peft_trainer(cfg, model, batches, dist) -> tuple[list[float], list[float]]:
+    """transformers' Trainer over the same micro-batches (it wraps the model in DDP itself).
+    Its data loader is replaced by one over this rank's ready micro-batches (the documented
+    get_train_dataloader override), so Trainer does not re-shard or re-collate them;
+    everything else is Trainer's own."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module  # Trainer wraps in DDP itself
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-            betas=tuple(cfg.train.adam_betas), eps=cfg.train.adam_eps, weight_decay=0.0,
-        )
-        from transformers import get_scheduler
-
-        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                                  num_training_steps=cfg.train.max_steps)
+    optimizer, scheduler = _optimizer_and_schedule(cfg, model)
     times: list[float] = []
 
     class StepClock(TrainerCallback):
