@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine's image lacks (bitsandbytes; datasets and its needs), for
-# tools/gpu_check.py on a lent device (see the README's GPU section). A device call carries at
-# most 64 MiB, and bitsandbytes (43 MB) and pyarrow (55 MB) do not fit together, so they go in
-# three folders, one per call, each installed into .site/ (ignored; kept on a warm machine):
+# Wheels the GPU machine's image lacks for tools/gpu_check.py (see the README's GPU section):
+# bitsandbytes, and datasets with the two of its needs the image does not hold (dill,
+# multiprocess; it holds pandas, pyarrow, xxhash, fsspec). 44 MB, one device call's 64 MiB:
 #
-#   bash tools/gpu_wheels.sh            # here, once: fills .whl/1 .whl/2 .whl/3
-#   call 1: carry [.whl/1]  pip install ... --target .site .whl/1/*.whl
-#   call 2: carry [.whl/2]  the same with .whl/2
-#   call 3: carry [.whl/3]  the same with .whl/3, then PYTHONPATH=.site python tools/gpu_check.py --out $OUT
+#   bash tools/gpu_wheels.sh                   # here, once: fills .whl/ (git-ignored)
+#   device run, carry [.whl]:
+#     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+#       && PYTHONPATH=/tmp/site python3 tools/gpu_check.py --out $OUT
+#
+# datasets 5 needs pyarrow >= 24; should the image's be older, `bash tools/gpu_wheels.sh pyarrow`
+# puts pyarrow (55 MB) into .whl-pyarrow/ for a call of its own that installs it into a folder
+# of the repo's ignored paths (a warm machine keeps them between calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
-grep -qx '/.site/' .git/info/exclude 2>/dev/null || echo /.site/ >> .git/info/exclude
+for path in /.whl/ /.whl-pyarrow/; do
+  grep -qx "$path" .git/info/exclude 2>/dev/null || echo "$path" >> .git/info/exclude
+done
 PLATFORM=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp
           --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-get() { local dir=$1; shift; mkdir -p "$dir"; python3 -m pip download -q "${PLATFORM[@]}" -d "$dir" "$@"; }
-get .whl/1 "bitsandbytes>=0.45"
-get .whl/2 "pyarrow>=24"
-get .whl/3 "datasets>=3.0" pandas "dill<0.4.2,>=0.3.0" xxhash "multiprocess<0.70.20"
-du -sh .whl/*
-echo "install line for each call: python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/N/*.whl"
+if [ "${1:-}" = pyarrow ]; then
+  python3 -m pip download -q "${PLATFORM[@]}" -d .whl-pyarrow "pyarrow>=24"
+  du -sh .whl-pyarrow
+  exit
+fi
+python3 -m pip download -q "${PLATFORM[@]}" -d .whl "bitsandbytes>=0.45" "datasets>=3.0" "dill<0.4.2,>=0.3.0" "multiprocess<0.70.20"
+du -sh .whl
