@@ -122,6 +122,12 @@ def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path
     train = (tmp_path / "work/data/train.jsonl").read_text().splitlines()
     first = json.loads(train[0])["messages"]
     assert first[0]["role"] == "user" and first[1]["content"].startswith("def ")
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    # Again, with one held-out prompt answered by each run: no training, the answers in the report.
+    again = subprocess.run([*cmd, "--parse-prompts", "1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env=env)
     assert_ok(again)
     assert ": eval " not in again.stdout and ": eval " in first_call.stdout, "a cached run was trained again"
+    answered = json.loads((tmp_path / "out/study_real_quick.json").read_text())
+    assert len(answered) == 2 and all(0 <= r["parse_rate"] <= 1 and len(r["samples"]) == 1 for r in answered)
+    report = (tmp_path / "out/study_real_quick.md").read_text()
+    assert "Greedy answers" in report and answered[0]["samples"][0]["prompt"] in report

@@ -69,24 +69,27 @@ def overrides_for(args, model: Path, files: tuple[Path, Path], method: str, rank
     ]
 
 
-def parse_rate(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int) -> float:
-    """Share of the first `n` held-out prompts whose greedy answer parses as Python."""
+def generations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int) -> tuple[float, list[dict]]:
+    """The merged model's greedy answers to the first `n` held-out prompts: the share that
+    parses as Python, and the answers themselves (prompt, answer, reference, parses)."""
     from scalora_dist.inference import Sampling, generate, load_model, prompt_ids
 
     loaded = load_model(str(run_dir / "merged"), device="cpu")
     rows = [json.loads(l) for l in eval_file.read_text().splitlines()[:n]]
-    ok = 0
+    samples = []
     for row in rows:
-        ids = prompt_ids(loaded.tokenizer, row["messages"][0]["content"], chat=True)
+        prompt, reference = row["messages"][0]["content"], row["messages"][1]["content"]
+        ids = prompt_ids(loaded.tokenizer, prompt, chat=True)
         new = generate(loaded.model, loaded.tokenizer, ids, Sampling(max_new_tokens=max_new_tokens))
         answer = loaded.tokenizer.decode(new, skip_special_tokens=True)
         code = answer.split("```python")[-1].split("```")[0] if "```" in answer else answer
         try:
             ast.parse(code)
-            ok += 1
+            parses = True
         except SyntaxError:
-            pass
-    return ok / max(1, len(rows))
+            parses = False
+        samples.append({"prompt": prompt, "answer": answer, "reference": reference, "parses": parses})
+    return sum(s["parses"] for s in samples) / max(1, len(samples)), samples
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                     run_dir = run_cached(args, name, overrides_for(args, args.model, files, method, rank, lr, seed), print)
                     summary = summarize_run(run_dir, None)
                     if args.parse_prompts:
-                        summary["parse_rate"] = parse_rate(run_dir, files[1], args.parse_prompts, 96)
+                        summary["parse_rate"], summary["samples"] = generations(
+                            run_dir, files[1], args.parse_prompts, 160)
                     results.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **setting(args), **summary})
     write_report(args, results, time.perf_counter() - started)
 
@@ -181,6 +185,16 @@ def write_report(args, results: list[dict], wall: float) -> None:
         for k, v in by_method.items():
             std = statistics.stdev(v) if len(v) > 1 else float("nan")
             lines.append(f"| {k} | {statistics.fmean(v):.4f} | {std:.4f} | {len(v)} |")
+    with_samples = [r for r in results if r.get("samples")]
+    if with_samples:
+        lines += ["", "Greedy answers to the first held-out prompts (160 new tokens at most), side by side:"]
+        for i, first in enumerate(with_samples[0]["samples"][:3]):
+            lines += ["", f"**Prompt:** {first['prompt']}", "", f"reference:\n```python\n{first['reference']}\n```"]
+            for r in with_samples:
+                if i < len(r["samples"]):
+                    sample = r["samples"][i]
+                    lines += [f"{r['method']} r{r['rank']} lr{r['lr']:g} ({'parses' if sample['parses'] else 'does not parse'}):",
+                              f"````\n{sample['answer'].strip()}\n````"]  # answers hold ``` fences
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
