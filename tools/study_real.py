@@ -161,10 +161,10 @@ def write_report(args, results: list[dict], wall: float) -> None:
     (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
     lines = [
         f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, stdlib docstring -> function",
-        "", f"`python tools/study_real.py {' '.join(sys.argv[1:])}` ({wall / 60:.1f} min here; cached runs are free).",
+        "", f"Rows accumulate over invocations (each run is cached); the last one: `python tools/study_real.py "
+        f"{' '.join(sys.argv[1:])}` ({wall / 60:.1f} min here).",
         f"Cosine with {args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss (answers only) at "
-        "the end; steps x batch of packed rows x tokens per row in the setting column. Rows of earlier "
-        "invocations are kept.", "",
+        "the end; steps x batch of packed rows x tokens per row in the setting column.", "",
         "| method | rank | lr | seed | setting | held-out loss | kappa | column / scalar / skip | parses |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
