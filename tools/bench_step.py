@@ -201,7 +201,9 @@ def main() -> None:
 
     base = statistics.median(times[variants[0]])
     table = Table(title=f"step time, {args.steps} interleaved steps per variant, "
-                  f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, "
+                  + (f"{args.model_dir.name}, " if args.model_dir else
+                     f"hidden {args.hidden_size} x {args.num_layers} layers, ")
+                  + f"r={args.rank}, "
                   f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads")
     peak = peak_tflops(args.peak_tflops)
     columns = ("variant", "median step (ms)", f"ratio to {variants[0]}", "tokens/s", "TFLOP/s",
