@@ -331,15 +331,17 @@ def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_an
     cluster, tiny_llama, reference_long, tmp_path
 ):
     """One 2 x 2 job stopped three ways, each time checkpointing on every rank, requeueing
-    and resuming: (1) its real time limit: `--time 00:01:00 --signal-margin 40` makes SLURM
-    itself send SIGUSR1 about 20 s in (slurmctld checks limits every 30 s; the first start's
-    steps are slowed, SCALORA_DIST_SLOW_STEP, so the warning falls inside training); (2)
+    and resuming: (1) its real time limit: `--time 00:03:00 --signal-margin 150` makes SLURM
+    itself send SIGUSR1 from about 30 s in (slurmctld looks at limits only every 30-60 s, so
+    a margin under a minute can be missed and the job just times out, as a 1-minute limit
+    with a 40 s margin once did; the first start's steps are slowed, SCALORA_DIST_SLOW_STEP,
+    so that it cannot finish before the warning); (2)
     `scancel --signal=USR1`, after raising the limit so that no second warning comes; (3)
     `scontrol requeue`, SIGTERM to every process as in a preemption. The fourth start ends
     with the uninterrupted run's model."""
     out = tmp_path / "run"
-    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", "--signal-margin", "40",
-                  overrides=LONG, time_limit="00:01:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
+    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", "--signal-margin", "150",
+                  overrides=LONG, time_limit="00:03:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
     _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, timeout=240,
                 what="a requeue after the time limit's warning")
     cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
