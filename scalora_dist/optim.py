@@ -102,17 +102,14 @@ def lr_multiplier(kind: str, warmup_steps: int, total_steps: int) -> Callable[[i
     "linear", "constant_with_warmup"; tests/test_optim.py compares them step by step), not
     imported from there: transformers.optimization imports its Trainer utilities, which
     import peft and bitsandbytes, ~3 s at the start of every process of every job."""
-    if kind not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"train.lr_scheduler: {kind!r} is not one of cosine, linear, constant")
+    decay_span = max(1, total_steps - warmup_steps)
+    after_warmup: dict[str, Callable[[int], float]] = {  # kind is validated by the config
+        "constant": lambda step: 1.0,
+        "linear": lambda step: max(0.0, (total_steps - step) / decay_span),
+        "cosine": lambda step: max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_span))),
+    }[kind]
 
     def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind == "constant":
-            return 1.0
-        if kind == "linear":
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return step / max(1, warmup_steps) if step < warmup_steps else after_warmup(step)
 
     return multiplier

@@ -315,8 +315,8 @@ def _wait_until(condition, cluster, job, out, timeout=300, what="") -> None:
     while not condition():
         cluster.hurry_requeued(job)
         state = cluster.state(job)
+        # SIGNALING: SLURM is delivering a signal (the time-limit warning) to a running job
         if state not in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING", "REQUEUE_FED", "SIGNALING"):
-            # SIGNALING: SLURM is delivering a signal (the time-limit warning) to a running job
             pytest.fail(f"job ended ({state}) before {what}\n{_log(out, job)[-4000:]}")
         assert time.monotonic() < deadline, f"no {what} after {timeout} s\n{_log(out, job)[-4000:]}"
         time.sleep(0.3)

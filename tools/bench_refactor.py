@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(adapted: int, args: argparse.Namespace, work: Path) -> dict[str, float]:
-    import torch
-
     from scalora_dist.config import load_config
     from scalora_dist.model.tiny import make_tiny_model
     from scalora_dist.train import forward_backward, setup, train_step

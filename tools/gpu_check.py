@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -144,8 +143,6 @@ def train_masters(overrides: list[str]) -> tuple[list[float], dict]:
     """Train with `overrides` through the recipe; per refactor, the largest change of any
     layer's effective float32 weight in units of its round-off bound; and the final
     effective weights (float64, on the CPU)."""
-    import torch
-
     from scalora_dist.config import load_config
     from scalora_dist.model.lora import lora_layers
     from scalora_dist.train import setup, train_step

@@ -15,16 +15,13 @@ from torch import nn
 from scalora_dist.model.sharding import decoder_blocks
 
 
-def compile_decoder_blocks(model: nn.Module) -> int:
-    """Compile every decoder block of `model` in place; returns how many."""
-    blocks = decoder_blocks(model)
+def compile_decoder_blocks(model: nn.Module) -> None:
+    """Compile every decoder block of `model` in place."""
     # Every block is traced from the same code: allow a graph per distinct block type and
     # mode (train / eval, refactor-step capture of lora_A) without hitting the default limit.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in blocks:
+    for block in decoder_blocks(model):
         block.compile()
-    return len(blocks)
-
 
 
 def compiled_frame_count() -> int:
