@@ -370,13 +370,13 @@ is printed, not written or submitted; with --no-submit it is written but not sub
 
 
 def default_signal_margin(run_dir: Path, time_limit: Optional[str]) -> int:
-    """measured_signal_margin, but at most half the time limit (the warning must leave the
-    job time to work)."""
-    from scalora_dist.slurm import time_limit_seconds
+    """measured_signal_margin, but at most half the time limit and at least MIN_WARNING_LEAD_S
+    before it (the warning must leave the job time to start and work)."""
+    from scalora_dist.slurm import MIN_WARNING_LEAD_S, time_limit_seconds
 
     limit = time_limit_seconds(time_limit)
     margin = measured_signal_margin(run_dir)
-    return max(1, min(margin, limit // 2)) if limit else margin
+    return max(1, min(margin, limit // 2, limit - MIN_WARNING_LEAD_S)) if limit else margin
 
 
 def measured_signal_margin(run_dir: Path) -> int:

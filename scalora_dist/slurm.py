@@ -45,6 +45,8 @@ DEFAULT_JOIN_TIMEOUT_S = 1800
 DEFAULT_PORT_BASE = 20000
 DEFAULT_SIGNAL_MARGIN_S = 300
 """With no save measured yet: 5 minutes for the step in progress, the save and the exit."""
+MIN_WARNING_LEAD_S = 60
+"""The time-limit warning must fall at least this long after the job starts."""
 
 
 class SlurmError(ValueError):
@@ -105,6 +107,15 @@ class SbatchOptions:
             raise SlurmError(
                 f"--signal-margin: {self.signal_margin_s} s is not shorter than the time limit --time "
                 f"{self.time} ({limit} s): the job would be told to stop as soon as it starts"
+            )
+        if self.requeue and limit is not None and limit - self.signal_margin_s < MIN_WARNING_LEAD_S:
+            # --signal signals the job's steps only: a warning sent while the batch script is
+            # still starting (SLURM may send it up to a minute early) reaches no process.
+            raise SlurmError(
+                f"--signal-margin: {self.signal_margin_s} s leaves {limit - self.signal_margin_s} s of the time "
+                f"limit --time {self.time} before the warning; SLURM may send it up to {MIN_WARNING_LEAD_S} s "
+                "early, before the training has started, and then it is lost. Use a smaller margin, a "
+                "longer --time, or --no-requeue"
             )
         if self.max_requeues < 1:
             raise SlurmError(f"--max-requeues: must be >= 1, got {self.max_requeues}")

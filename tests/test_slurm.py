@@ -83,6 +83,8 @@ def test_rendered_script_has_what_a_slurm_user_expects():
     ({"nodes": 0}, "--nodes"), ({"gpus_per_node": 0}, "--gpus-per-node"),
     ({"time": "1 hour"}, "--time"), ({"mem": "lots"}, "--mem"), ({"partition": "a b"}, "--partition"),
     ({"account": "$ACC"}, "--account"), ({"max_restarts": -1}, "--max-restarts"),
+    ({"time": "00:03:00", "signal_margin_s": 180}, "--signal-margin"),
+    ({"time": "00:03:00", "signal_margin_s": 150}, "before the training has started"),
 ])
 def test_invalid_options_are_errors_naming_the_option(kwargs, message):
     with pytest.raises(SlurmError, match=re.escape(message)):
@@ -332,20 +334,25 @@ def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_an
     cluster, tiny_llama, reference_long, tmp_path
 ):
     """One 2 x 2 job stopped three ways, each time checkpointing on every rank, requeueing
-    and resuming: (1) its real time limit: `--time 00:03:00 --signal-margin 150` makes SLURM
-    itself send SIGUSR1 from about 30 s in (slurmctld looks at limits only every 30-60 s, so
-    a margin under a minute can be missed and the job just times out, as a 1-minute limit
-    with a 40 s margin once did; the first start's steps are slowed, SCALORA_DIST_SLOW_STEP,
-    so that it cannot finish before the warning); (2)
-    `scancel --signal=USR1`, after raising the limit so that no second warning comes; (3)
-    `scontrol requeue`, SIGTERM to every process as in a preemption. The fourth start ends
-    with the uninterrupted run's model."""
+    and resuming: (1) its real time limit: SLURM itself sends the `--signal-margin 150`
+    warning (SIGUSR1); (2) `scancel --signal=USR1`; (3) `scontrol requeue`, SIGTERM to every
+    process as in a preemption. The fourth start ends with the uninterrupted run's model.
+
+    The job is submitted with 10 minutes and its limit cut to 3 once it trains: slurmctld
+    looks at limits every 30 s and may send the warning up to a minute early, and a warning
+    sent while the batch script is still starting reaches no process (one CI run lost it so
+    with `--time 00:03:00` from the start). Cut to 3 minutes, the warning is due at once and
+    comes within 30 s; the first start's steps are slowed (SCALORA_DIST_SLOW_STEP, 3 s) so
+    that it cannot finish first."""
     out = tmp_path / "run"
     job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", "--signal-margin", "150",
-                  overrides=LONG, time_limit="00:03:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
-    _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, timeout=240,
-                what="a requeue after the time limit's warning")
-    cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
+                  overrides=LONG, time_limit="00:10:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
+    _wait_until(lambda: bool(_records(out)), cluster, job, out, what="the first step")
+    cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=3"])
+    _wait_until(lambda: "stopped at step" in _log(out, job), cluster, job, out, timeout=120,
+                what="a stop after the time limit's warning")
+    cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])  # the requeued start: no warning
+    _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, what="a requeue after the warning")
     log = _log(out, job)
     assert re.search(r"stopped at step \d+ on SIGUSR1", log), log[-4000:]  # the warning, not the limit's SIGTERM
     first = _stops(log)[0]
