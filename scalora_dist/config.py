@@ -46,11 +46,12 @@ class ModelConfig:
     """Quantise the 4-bit block scales too (saves ~0.4 bit per weight)."""
     quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the 4-bit layers compute in; `auto`: the model dtype."""
-    quant_placement: Literal["sharded", "replicated"] = "sharded"
-    """FSDP2 runs with a 4-bit base: `sharded` splits the packed codes across ranks like
-    any parameter (least memory, codes all-gathered per block); `replicated` keeps the
-    whole 4-bit base on every rank (FSDP2 ignored_params: no traffic for it) and shards
-    only the adapters and unquantised parameters."""
+    base_placement: Literal["sharded", "replicated"] = "sharded"
+    """FSDP2 runs: `sharded` splits the frozen weights of the base's linear layers (float,
+    or 4-bit codes) across ranks like any parameter (least memory, all-gathered per block);
+    `replicated` keeps them whole on every rank (FSDP2 ignored_params: no traffic for them,
+    as DDP would hold a model that fits one rank) and shards only the adapters,
+    embeddings and norms. ScaLoRA and ReLoRA merge into every rank's whole copy."""
     cpu_offload: bool = False
     """FSDP2 runs on GPUs (several processes): keep sharded parameters, gradients and
     optimizer state in host memory (FSDP2's CPUOffloadPolicy). Method lora only."""
@@ -308,12 +309,17 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+RENAMED_KEYS = {"model.quant_placement": "model.base_placement"}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"'{prefix}{key}' was renamed '{RENAMED_KEYS[prefix + key]}'")
         if key not in names:
             raise ConfigError(
                 f"unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}"
@@ -407,10 +413,15 @@ def validate(config: Config) -> None:
     if s.kappa != "auto":
         _positive("adapter.scalora.kappa", s.kappa)
     _positive("adapter.scalora.accumulator_rank", s.accumulator_rank)
-    if m.quant_placement != "sharded" and not m.load_in_4bit:
+    if m.base_placement == "replicated" and a.method == "full":
         raise ConfigError(
-            f"model.quant_placement: {m.quant_placement} only applies to 4-bit bases "
-            "(set model.load_in_4bit: true or drop the key)"
+            "model.base_placement: replicated keeps the frozen base whole on every rank, but "
+            "method full trains it; use sharded"
+        )
+    if m.base_placement == "replicated" and m.cpu_offload:
+        raise ConfigError(
+            "model.base_placement: replicated keeps the base whole on every rank, in device "
+            "memory; model.cpu_offload moves sharded parameters to the host: use one of them"
         )
     if m.load_in_4bit and a.method == "full":
         raise ConfigError(

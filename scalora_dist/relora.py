@@ -68,8 +68,11 @@ class ReLoRA:
         for name, layer in self.layers.items():
             full_A = layer.lora_A.full_tensor() if isinstance(layer.lora_A, DTensor) else layer.lora_A
             weight, B = _local(layer.weight), _local(layer.lora_B)
-            # this rank's rows of the base take its rows of lora_B times the whole lora_A
-            weight.add_((B.double() @ full_A.double()).mul_(layer.scale).to(weight.dtype))
+            # this rank's rows of the base take its rows of lora_B times the whole lora_A; a
+            # base whole on every rank (base_placement: replicated) takes the whole lora_B
+            whole_base = isinstance(layer.lora_B, DTensor) and not isinstance(layer.weight, DTensor)
+            merged_B = layer.lora_B.full_tensor() if whole_base else B
+            weight.add_((merged_B.double() @ full_A.double()).mul_(layer.scale).to(weight.dtype))
             B.zero_()
             A = _local(layer.lora_A)
             fresh = initial_lora_A(name, layer.rank, layer.in_features, restart_seed)

@@ -49,7 +49,7 @@ def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def run_case(model_dir: str, dtype: str, placement: str, cast: str, ids: torch.Tensor) -> dict:
-    cfg = ModelConfig(path=model_dir, dtype=dtype, load_in_4bit=True, quant_placement=placement)
+    cfg = ModelConfig(path=model_dir, dtype=dtype, load_in_4bit=True, base_placement=placement)
     adapter = AdapterConfig(method="lora", rank=2, target_modules=["q_proj", "v_proj"])
     cpu = torch.device("cpu")
     model = build.build_model(model_dir, cfg, adapter, cpu)

@@ -59,10 +59,17 @@ def test_yaml_file_and_override_precedence(tmp_path):
     ("train.eval_every=10", "data.eval_files is empty"),
     ("train.adam_betas=[0.9]", "train.adam_betas"),
     ("model", "must look like key.path=value"),
+    ("model.quant_placement=replicated", "'model.quant_placement' was renamed 'model.base_placement'"),
+    ("model.base_placement=everywhere", "model.base_placement"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, BASE + [override])
+
+
+def test_a_replicated_base_cannot_be_trained_in_full():
+    with pytest.raises(ConfigError, match="model.base_placement: replicated .* method full trains it"):
+        load_config(None, BASE + ["model.base_placement=replicated", "adapter.method=full"])
 
 
 def test_missing_required_keys():

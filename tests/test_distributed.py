@@ -25,19 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_scalora_on_1_2_and_4_ranks_gives_the_same_model(tiny_llama, tmp_path):
+    """Also with the base whole on every rank (base_placement: replicated), where every rank
+    merges the whole increment into its own copy."""
     runs = {n: assert_ok(train_job(tiny_llama, tmp_path / f"w{n}", n)) for n in (1, 2, 4)}
+    assert_ok(train_job(tiny_llama, tmp_path / "w2-replicated", 2, "model.base_placement=replicated"))
     assert runs[2].stdout.count("done:") == 1  # only rank 0 prints
     reference = merged_weights(tmp_path / "w1")
     base = load_file(str(Path(tiny_llama) / "model.safetensors"))
     moved = max(((reference[k] - base[k]).norm() / base[k].norm()).item() for k in base)
     assert moved > 1e-3, "training must change the weights for the comparison to mean anything"
-    for n in (2, 4):
-        assert_same_weights(reference, merged_weights(tmp_path / f"w{n}"))
+    for run in ("w2", "w4", "w2-replicated"):
+        assert_same_weights(reference, merged_weights(tmp_path / run))
         for step, loss in logged_losses(tmp_path / "w1").items():
-            assert logged_losses(tmp_path / f"w{n}")[step] == pytest.approx(loss, rel=1e-5)
+            assert logged_losses(tmp_path / run)[step] == pytest.approx(loss, rel=1e-5)
     records = [json.loads(l) for l in (tmp_path / "w2/metrics.jsonl").read_text().splitlines()]
     refactors = [r for r in records if "scalora_column" in r]
     assert len(refactors) == 4 and all(r["scalora_collectives"] == 1 for r in refactors)
+    # replicated: lora_B's rows travel in the same one all-reduce (sharded: none of them)
+    records = [json.loads(l) for l in (tmp_path / "w2-replicated/metrics.jsonl").read_text().splitlines()]
+    replicated = [r for r in records if "scalora_column" in r]
+    assert all(r["scalora_collectives"] == 1 for r in replicated)
+    assert min(r["scalora_gathered_bytes"] for r in replicated) > max(r["scalora_gathered_bytes"] for r in refactors)
 
 
 def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
@@ -66,8 +74,11 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run_on_the_same_and_other_rank_counts(tiny_llama, tmp_path):
+    """The interrupted run keeps its base whole on every rank (base_placement: replicated):
+    its checkpoints hold plain tensors where the uninterrupted run's hold shards."""
     steps = ["train.max_steps=8", "train.save_every=4", "train.keep_last=3"]
     assert_ok(train_job(tiny_llama, tmp_path / "full", 2, *steps))
+    steps.append("model.base_placement=replicated")
 
     # A rank that raises ends the whole job, with its error shown, instead of hanging.
     crashed = train_job(tiny_llama, tmp_path / "crash", 2, *steps, env={"SCALORA_DIST_FAULT": "1:6"}, timeout=240)

@@ -89,6 +89,9 @@ def test_relora_on_two_ranks_and_across_a_resume_gives_the_one_process_model(tin
     two = tmp_path / "two"
     assert_ok(train_job(tiny_llama, two, 2, *steps))
     assert_same_weights(merged_weights(one), merged_weights(two))
+    replicated = tmp_path / "two-replicated"  # the base whole on every rank: each merges all of lora_B
+    assert_ok(train_job(tiny_llama, replicated, 2, *steps, "model.base_placement=replicated"))
+    assert_same_weights(merged_weights(one), merged_weights(replicated))
     lrs = [json.loads(l)["lr"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     # each record's lr is the next step's: the cosine schedule, halved right after each restart
     relora = ReLoRAConfig(restart_every=3, rewarmup_steps=1)

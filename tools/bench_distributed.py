@@ -54,10 +54,10 @@ VARIANTS = {
     **{name: METHOD_VARIANTS[name] for name in ("lora", "scalora", "scalora-I10", "full")},
     # 4-bit bases in FSDP2's two placements of the packed codes
     "lora-nf4-sharded": ["adapter.method=lora", "model.load_in_4bit=true"],
-    "lora-nf4-replicated": ["adapter.method=lora", "model.load_in_4bit=true", "model.quant_placement=replicated"],
+    "lora-nf4-replicated": ["adapter.method=lora", "model.load_in_4bit=true", "model.base_placement=replicated"],
     "scalora-nf4-sharded": ["adapter.method=scalora", "model.load_in_4bit=true"],
     "scalora-nf4-replicated": ["adapter.method=scalora", "model.load_in_4bit=true",
-                               "model.quant_placement=replicated"],
+                               "model.base_placement=replicated"],
 }
 MIB = 1024 * 1024
 

@@ -1,6 +1,7 @@
-"""The same LoRA fine-tune three ways, side by side in one run: scalora-dist, PEFT with a plain
-torch loop, and PEFT with transformers' Trainer. Tokens/s, peak memory and the final loss, on
-1 and 2 processes.
+"""The same LoRA fine-tune side by side in one run: scalora-dist (FSDP2-sharded base; on 2
+processes also the base replicated, `model.base_placement: replicated`; and the plain loss
+instead of the chunked one), PEFT with a plain torch loop, and PEFT with transformers'
+Trainer. Tokens/s, peak memory and the final loss, on 1 and 2 processes.
 
     python tools/bench_peers.py                         # SmolLM2-135M-Instruct, stdlib chat task
     python tools/bench_peers.py --nprocs 1 --steps 20
@@ -34,7 +35,19 @@ from pathlib import Path
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
-CONTENDERS = ("scalora-dist", "peft-loop", "peft-trainer")
+OURS = {
+    "scalora-dist": [],
+    # the frozen base whole on every rank (FSDP2 ignored_params), as DDP holds it: several processes only
+    "scalora-dist-replicated": ["model.base_placement=replicated"],
+    # the whole logits at once (what the peers do): the chunked loss's recomputation, measured
+    "scalora-dist-plain-loss": ["model.chunked_loss=false"],
+}
+PEERS = ("peft-loop", "peft-trainer")
+CONTENDERS = (*OURS, *PEERS)
+
+
+def contenders(nproc: int) -> list[str]:
+    return [c for c in CONTENDERS if nproc > 1 or c != "scalora-dist-replicated"]
 
 
 def config_overrides(args: argparse.Namespace, model: Path, train_file: Path, out_dir: Path) -> list[str]:
@@ -63,9 +76,10 @@ def worker(args: argparse.Namespace) -> None:
     quiet_libraries()
     dist = init_distributed()
     torch.manual_seed(0)
-    cfg = load_config(None, config_overrides(args, args.model, args.train_file, args.out / f"run-{args.worker}"))
+    overrides = config_overrides(args, args.model, args.train_file, args.out / f"run-{args.worker}")
+    cfg = load_config(None, overrides + OURS.get(args.worker, []))
     total = args.warmup + args.steps
-    if args.worker == "scalora-dist":
+    if args.worker in OURS:
         times, losses, tokens = _scalora_dist(cfg, dist, total)
     else:
         batches = _batches(cfg, dist, total)
@@ -260,7 +274,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 def report(args: argparse.Namespace, results: dict[int, dict[str, dict]], wall: float) -> str:
     lines = [
-        f"# The same LoRA fine-tune three ways (`python tools/bench_peers.py{' ' + ' '.join(args.argv) if args.argv else ''}`)",
+        f"# The same LoRA fine-tune, ours and the peers' (`python tools/bench_peers.py{' ' + ' '.join(args.argv) if args.argv else ''}`)",
         "",
         f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, model `{args.model}`, LoRA r {args.rank} all-linear, "
         f"micro-batch {args.batch_size} x {args.max_length} packed tokens per process, {args.steps} timed steps after "
@@ -270,8 +284,8 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, dict]], wall: 
         "|---|---|---|---|---|---|---|",
     ]
     for nproc, by_name in results.items():
-        best_peer = max(by_name[c]["tokens_per_s"] for c in CONTENDERS[1:])
-        for name in CONTENDERS:
+        best_peer = max(by_name[c]["tokens_per_s"] for c in PEERS)
+        for name in contenders(nproc):
             r = by_name[name]
             lines.append(
                 f"| {nproc} | {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / best_peer:.2f}x | "
@@ -310,9 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args, work)
         results: dict[int, dict[str, dict]] = {}
         for nproc in [int(n) for n in args.nprocs.split(",")]:
-            rounds: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+            rounds: dict[str, list[dict]] = {c: [] for c in contenders(nproc)}
             for _ in range(args.repeats):
-                for contender in CONTENDERS:
+                for contender in contenders(nproc):
                     print(f"{nproc} process(es): {contender} ...", flush=True)
                     rounds[contender].append(launch(args, contender, nproc, work))
             results[nproc] = {c: _median_round(rs) for c, rs in rounds.items()}

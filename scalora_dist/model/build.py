@@ -26,7 +26,7 @@ from scalora_dist.model.loading import (
 from scalora_dist.model.chunked_loss import enable_chunked_loss
 from scalora_dist.model.compile import compile_decoder_blocks
 from scalora_dist.model.lora import find_target_linears, initial_lora_A, inject_adapters, lora_layers
-from scalora_dist.model.quant import is_quantized_linear, quantize_linears_, require_bitsandbytes
+from scalora_dist.model.quant import quantize_linears_, require_bitsandbytes
 from scalora_dist.model.sharding import apply_fsdp, compute_dtype
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "acc_U", "acc_V")
@@ -82,10 +82,9 @@ def build_model(
     if compile:
         compile_decoder_blocks(model)
     if mesh is not None:
-        codes = {m.weight for m in model.modules() if is_quantized_linear(m)}
         apply_fsdp(
             model, mesh, param_dtype=compute_dtype(dtype), cpu_offload=model_cfg.cpu_offload,
-            ignored_params=codes if model_cfg.quant_placement == "replicated" else None,
+            ignored_params=frozen_linear_weights(model) if model_cfg.base_placement == "replicated" else None,
         )
     model.to_empty(device="cpu" if model_cfg.cpu_offload else device)
     _tie_weights(model)
@@ -98,6 +97,14 @@ def build_model(
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def frozen_linear_weights(model: nn.Module) -> set[nn.Parameter]:
+    """The frozen weights (float, or 4-bit codes) of the language model's linear layers but
+    the head: what `model.base_placement: replicated` keeps whole on every rank."""
+    modules = dict(model.named_modules())
+    weights = {modules[name].weight for name in find_target_linears(model, "all-linear")}
+    return {w for w in weights if not w.requires_grad}
 
 
 def check_attention(model_cfg: ModelConfig) -> None:

@@ -121,28 +121,34 @@ class ScaLoRA:
             return report
         # All layers' small matrices travel in one flat float64 buffer: one collective per
         # step, then one copy of the statistics to the host. Behind them, the merges' float32
-        # lora_A where the forward left no exact copy: each rank writes its columns into a
-        # zero (r, n) block, so the sum is the whole matrix (float32 in float64: exact).
+        # lora_A where the forward left no exact copy, and lora_B where the base is whole on
+        # every rank (base_placement: replicated): each rank writes its columns of lora_A
+        # (rows of lora_B) into a zero block, so the sum is the whole matrix (float32 in
+        # float64: exact).
         needs_A = [_needs_full_A(l) for l in layers]
-        n_A = sum(l.lora_A.numel() for l, needed in zip(layers, needs_A) if needed)
+        needs_B = [_needs_full_B(l) for l in layers]
+        n_gathered = sum(l.lora_A.numel() for l, needed in zip(layers, needs_A) if needed)
+        n_gathered += sum(l.lora_B.numel() for l, needed in zip(layers, needs_B) if needed)
         device = stats[0][0].device
-        flat = torch.zeros(n_stats + n_A, dtype=torch.float64, device=device)
+        flat = torch.zeros(n_stats + n_gathered, dtype=torch.float64, device=device)
         torch.cat([t.flatten() for layer_stats in stats for t in layer_stats], out=flat[:n_stats])
-        full_As, offset = [], n_stats
-        for layer, needed in zip(layers, needs_A):
-            if not needed:
-                full_As.append(None)
-                continue
-            block = flat[offset : offset + layer.lora_A.numel()].view(layer.lora_A.shape)
-            local = _local(layer.lora_A)
-            start = local_offsets(layer.lora_A)[1]
-            block[:, start : start + local.shape[1]] = local
-            full_As.append(block)
-            offset += layer.lora_A.numel()
+        offset = n_stats
+        full_As, full_Bs = [], []
+        for layer, need_A, need_B in zip(layers, needs_A, needs_B):
+            for factor, needed, dim, out in ((layer.lora_A, need_A, 1, full_As), (layer.lora_B, need_B, 0, full_Bs)):
+                if not needed:
+                    out.append(None)
+                    continue
+                block = flat[offset : offset + factor.numel()].view(factor.shape)
+                local = _local(factor)
+                start = local_offsets(factor)[dim]
+                block.narrow(dim, start, local.shape[dim]).copy_(local)
+                out.append(block)
+                offset += factor.numel()
         if self.all_reduce is not None:
             self.all_reduce(flat)
             report.reduced_bytes = flat.numel() * flat.element_size()
-            report.gathered_bytes = n_A * flat.element_size()
+            report.gathered_bytes = n_gathered * flat.element_size()
             report.collectives = 1
         # Every rank solves the same float64 systems on the CPU from the same reduced
         # numbers, so every rank takes the same decisions by construction.
@@ -169,7 +175,7 @@ class ScaLoRA:
             on_device = _to_device(kept, layers[0].lora_A.device)
             for (i, _), scales in zip(kept, on_device):
                 layer, (_, _, *acc_grams) = layers[i], stats[i]
-                self._rewrite(layer, scales, acc_grams, full_A=full_As[i], report=report)
+                self._rewrite(layer, scales, acc_grams, full_A=full_As[i], full_B=full_Bs[i], report=report)
         for layer in self.layers:
             layer.full_A = None
         return report
@@ -191,12 +197,14 @@ class ScaLoRA:
     @torch.no_grad()
     def _rewrite(
         self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
-        *, full_A: torch.Tensor | None = None, report: RefactorReport | None = None,
+        *, full_A: torch.Tensor | None = None, full_B: torch.Tensor | None = None,
+        report: RefactorReport | None = None,
     ) -> None:
         """Merge into this rank's rows of the base (or its accumulator), rescale the local
         shards of factors, gradients and AdamW moments. `acc_grams`: the accumulator's
         reduced Grams (default: this process's own); `full_A`: the whole float32 lora_A
-        (default: the layer's own, or the copy its forward captured)."""
+        (default: the layer's own, or the copy its forward captured); `full_B`: the whole
+        lora_B, for a base whole on every rank (default: this rank's rows)."""
         if layer.acc_U is not None:
             acc_grams = acc_grams or self._layer_statistics(layer)[2:]
             # 4-bit base: the increment s * lora_B diag(1 - alpha*beta) lora_A goes into the
@@ -217,7 +225,9 @@ class ScaLoRA:
         else:
             if full_A is None:
                 full_A = layer.full_A if isinstance(layer.lora_A, DTensor) else layer.lora_A
-            sm.merge_increment_(_local(layer.weight), full_A, _local(layer.lora_B), layer.scale, scales)
+            if full_B is None:
+                full_B = _local(layer.lora_B)
+            sm.merge_increment_(_local(layer.weight), full_A, full_B, layer.scale, scales)
         sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
         sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
         with (
@@ -261,6 +271,12 @@ def _needs_full_A(layer: LoRALinear) -> bool:
     """A sharded layer whose merge has no exact copy of the whole lora_A (4-bit layers
     merge into their accumulator shard by shard and need none)."""
     return isinstance(layer.lora_A, DTensor) and layer.acc_U is None and layer.full_A is None
+
+
+def _needs_full_B(layer: LoRALinear) -> bool:
+    """A sharded lora_B beside a base weight that is whole on every rank (FSDP2
+    ignored_params): every rank merges the whole increment into its own copy."""
+    return isinstance(layer.lora_B, DTensor) and layer.acc_U is None and not isinstance(layer.weight, DTensor)
 
 
 def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]], lr_fraction: float = 1.0) -> float | None:
