@@ -333,10 +333,10 @@ def _stops(log: str) -> list[int]:
 def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_and_resume(
     cluster, tiny_llama, reference_long, tmp_path
 ):
-    """One 2 x 2 job stopped two ways, each time checkpointing on every rank, requeueing and
-    resuming: (1) its real time limit: SLURM itself sends the `--signal-margin 150` warning
-    (SIGUSR1, as `scancel --signal=USR1` would); (2) `scontrol requeue`, SIGTERM to every
-    process as in a preemption. The third start ends with the uninterrupted run's model.
+    """One 2 x 2 job stopped three ways, each time checkpointing on every rank, requeueing
+    and resuming: (1) its real time limit: SLURM itself sends the `--signal-margin 150`
+    warning (SIGUSR1); (2) `scancel --signal=USR1`; (3) `scontrol requeue`, SIGTERM to every
+    process as in a preemption. The fourth start ends with the uninterrupted run's model.
 
     The job is submitted with 10 minutes and its limit cut to 3 once it trains: slurmctld
     looks at limits every 30 s and may send the warning up to a minute early, and a warning
@@ -358,11 +358,16 @@ def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_an
     first = _stops(log)[0]
     _wait_until(lambda: any(r["step"] > first + 2 for r in _records(out)), cluster, job, out,
                 what="progress after the first requeue")
+    cluster.client(["scancel", "--signal=USR1", job])
+    _wait_until(lambda: "restart count 2" in _log(out, job), cluster, job, out, what="a requeue after SIGUSR1")
+    second = _stops(_log(out, job))[1]
+    _wait_until(lambda: any(r["step"] > second + 2 for r in _records(out)), cluster, job, out,
+                what="progress after the second requeue")
     cluster.client(["scontrol", "requeue", job])
     state = cluster.wait(job, timeout=400)
     log = _log(out, job)
     assert state == "COMPLETED", f"{state}\n{log[-6000:]}\n{cluster.logs()}"
-    assert "restart count 2" in log and len(_stops(log)) == 2, log[-6000:]
+    assert "restart count 3" in log and len(_stops(log)) == 3, log[-6000:]
     for step in _stops(log):
         assert re.search(rf"resumed from \S*/checkpoints/step-{step:08d}", log), (step, log[-6000:])
     assert "done: 32 steps" in log
