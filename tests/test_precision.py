@@ -97,16 +97,18 @@ def test_one_two_and_four_ranks_in_bf16_train_the_same_float32_masters(tiny_llam
     masters, so what remains between world sizes is the order of float32 sums (the
     reduce-scatter, the accumulation): the float32 tolerance of tests/test_distributed.py
     applies (2e-5 relative per tensor; measured: 0). The merge with bf16-rounded lora_A
-    this replaced missed by 4e-4 on the same run."""
+    this replaced missed by 4e-4 on the same run. Also 2 ranks with the base whole on every
+    rank (base_placement: replicated), whose merges take lora_B's float32 rows from the
+    refactor's all-reduce (measured: 0)."""
     runs = {}
-    for n in (1, 2, 4):
-        assert_ok(train_job(tiny_llama, tmp_path / f"w{n}", n, "model.dtype=bfloat16",
-                            "train.micro_batch_size=1", f"train.grad_accum_steps={4 // n}"))
-        runs[n] = effective_masters(tmp_path / f"w{n}/checkpoints/step-00000006")
-    for n in (2, 4):
-        assert_same_weights(runs[1], runs[n], tol=SAME_MODEL_TOL)
+    for name, n, extra in ((1, 1, ()), (2, 2, ()), (4, 4, ()), ("2-replicated", 2, ("model.base_placement=replicated",))):
+        assert_ok(train_job(tiny_llama, tmp_path / f"w{name}", n, "model.dtype=bfloat16",
+                            "train.micro_batch_size=1", f"train.grad_accum_steps={4 // n}", *extra))
+        runs[name] = effective_masters(tmp_path / f"w{name}/checkpoints/step-00000006")
+    for name in (2, 4, "2-replicated"):
+        assert_same_weights(runs[1], runs[name], tol=SAME_MODEL_TOL)
         for step, loss in logged_losses(tmp_path / "w1").items():
-            assert logged_losses(tmp_path / f"w{n}")[step] == pytest.approx(loss, rel=1e-5)
+            assert logged_losses(tmp_path / f"w{name}")[step] == pytest.approx(loss, rel=1e-5)
     moved = [k for k in runs[1] if "q_proj" in k]
     assert moved and all(torch.isfinite(runs[1][k]).all() for k in moved)
 
