@@ -70,8 +70,7 @@ class ReLoRA:
             weight, B = _local(layer.weight), _local(layer.lora_B)
             # this rank's rows of the base take its rows of lora_B times the whole lora_A; a
             # base whole on every rank (base_placement: replicated) takes the whole lora_B
-            whole_base = isinstance(layer.lora_B, DTensor) and not isinstance(layer.weight, DTensor)
-            merged_B = layer.lora_B.full_tensor() if whole_base else B
+            merged_B = layer.lora_B.full_tensor() if layer.base_whole_beside_sharded_B() else B
             weight.add_((merged_B.double() @ full_A.double()).mul_(layer.scale).to(weight.dtype))
             B.zero_()
             A = _local(layer.lora_A)

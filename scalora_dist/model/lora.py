@@ -68,6 +68,11 @@ class LoRALinear(nn.Module):
             y = y + self.bias.to(compute)
         return y.to(x.dtype)
 
+    def base_whole_beside_sharded_B(self) -> bool:
+        """The base weight whole on every rank (model.base_placement: replicated, FSDP2
+        ignored_params) while lora_B is sharded: a merge into it takes the whole lora_B."""
+        return isinstance(self.lora_B, DTensor) and not isinstance(self.weight, DTensor)
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """s * lora_B @ lora_A, in float32."""

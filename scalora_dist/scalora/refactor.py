@@ -274,9 +274,9 @@ def _needs_full_A(layer: LoRALinear) -> bool:
 
 
 def _needs_full_B(layer: LoRALinear) -> bool:
-    """A sharded lora_B beside a base weight that is whole on every rank (FSDP2
-    ignored_params): every rank merges the whole increment into its own copy."""
-    return isinstance(layer.lora_B, DTensor) and layer.acc_U is None and not isinstance(layer.weight, DTensor)
+    """Every rank merges the whole increment into its own whole copy of the base (4-bit
+    layers merge into their accumulator shard by shard and need none)."""
+    return layer.acc_U is None and layer.base_whole_beside_sharded_B()
 
 
 def auto_kappa(grams: list[tuple[torch.Tensor, torch.Tensor]], lr_fraction: float = 1.0) -> float | None:
