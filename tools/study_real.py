@@ -1,15 +1,23 @@
-"""The method on a real pretrained model: SmolLM2-135M-Instruct (tools/smollm2.py) fine-tuned
-on the standard-library docstring -> function chat task (tools/stdlib_task.py), loss on the
-answers only, with the schedule users run (cosine, LR warm-up, clipping). Every run goes
-through scalora_dist.train.train in this process and is cached like tools/study.py's.
+"""The method on a real pretrained model: SmolLM2-135M-Instruct (tools/real_models.py) on two
+tasks from real text, with the schedule users run (cosine, LR warm-up, clipping):
+
+- `--task stdlib` (default): Python standard-library docstring -> function, a chat task
+  (tools/stdlib_task.py) in the model's chat template, loss on the answers only; task metric:
+  the share of generated held-out functions that parse;
+- `--task austen`: Jane Austen's prose, domain adaptation (tools/austen_task.py): five novels
+  to train on, Persuasion held out; task metric: top-1 next-token accuracy on held-out text.
+
+Every run goes through scalora_dist.train.train in this process and is cached like
+tools/study.py's.
 
     python tools/study_real.py                       # the committed grid (see --help)
     python tools/study_real.py --quick               # 2 methods x 4 steps: the code path, for CI
     python tools/study_real.py --methods lora,scalora --lrs 1e-3,2e-3 --seeds 0,1,2
+    python tools/study_real.py --task austen --methods lora,scalora --lrs 2e-3,4e-3
 
-Writes tools/results/study_real.md and study_real.json: held-out loss per method, rank, lr
-and seed, kappa, the refactor column / scalar / skip split, and the share of generated
-held-out functions that parse.
+Writes tools/results/study_real.md / .json (study_real_austen.* for --task austen): held-out
+loss per method, rank, lr and seed, kappa, the refactor column / scalar / skip split, the
+task metric, and with --update-ranks the numerical rank of each layer's accumulated update.
 """
 
 from __future__ import annotations
@@ -44,12 +52,20 @@ METHODS = {
 }
 
 
-def task_files(work_dir: Path) -> tuple[Path, Path]:
-    from stdlib_task import write
+TASKS = {"stdlib": "chat", "austen": "text"}  # task -> data.format
 
-    out = work_dir / "data"
+
+def task_files(work_dir: Path, task: str = "stdlib") -> tuple[Path, Path]:
+    out = work_dir / ("data" if task == "stdlib" else f"data-{task}")
     if not (out / "eval.jsonl").is_file():
-        write(out, max_chars=400, eval_fraction=0.15)
+        if task == "stdlib":
+            from stdlib_task import write
+
+            write(out, max_chars=400, eval_fraction=0.15)
+        else:
+            import austen_task
+
+            austen_task.write(out)
     return out / "train.jsonl", out / "eval.jsonl"
 
 
@@ -57,7 +73,7 @@ def overrides_for(args, model: Path, files: tuple[Path, Path], method: str, rank
                   seed: int) -> list[str]:
     return [
         f"model.path={model}", f"data.train_files=[{files[0]}]", f"data.eval_files=[{files[1]}]",
-        "data.format=chat", f"data.max_length={args.max_length}", "data.packing=true",
+        f"data.format={TASKS[args.task]}", f"data.max_length={args.max_length}", "data.packing=true",
         f"train.micro_batch_size={args.batch_size}", f"train.max_steps={args.steps}",
         f"train.lr={lr}", "train.lr_scheduler=cosine", f"train.warmup_steps={args.lr_warmup}",
         "train.max_grad_norm=1.0", f"train.seed={seed}", f"train.eval_every={args.eval_every}",
@@ -92,12 +108,47 @@ def generations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int) -> 
     return sum(s["parses"] for s in samples) / max(1, len(samples)), samples
 
 
+def continuations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, accuracy_rows: int) -> tuple[float, list[dict]]:
+    """Text task: the merged model's top-1 next-token accuracy over the first `accuracy_rows`
+    held-out paragraphs, and its greedy continuations of the first half of the first `n`."""
+    import torch
+
+    from scalora_dist.inference import Sampling, generate, load_model, prompt_ids
+
+    loaded = load_model(str(run_dir / "merged"), device="cpu")
+    tok, model = loaded.tokenizer, loaded.model
+    texts = [json.loads(l)["text"] for l in eval_file.read_text().splitlines()]
+    right = total = 0
+    with torch.no_grad():
+        for text in texts[:accuracy_rows]:
+            ids = prompt_ids(tok, text, chat=False)  # as data.format=text trains: BOS, then the text
+            predicted = model(input_ids=ids).logits[0, :-1].argmax(-1)
+            right += int((predicted == ids[0, 1:]).sum())
+            total += ids.shape[1] - 1
+    samples = []
+    for text in texts[:n]:
+        words = text.split()
+        prompt = " ".join(words[: len(words) // 2])
+        new = generate(model, tok, prompt_ids(tok, prompt, chat=False), Sampling(max_new_tokens=max_new_tokens))
+        samples.append({"prompt": prompt, "answer": tok.decode(new, skip_special_tokens=True),
+                        "reference": " ".join(words[len(words) // 2 :])})
+    return right / max(1, total), samples
+
+
+def base_projection_weights(model_dir: Path) -> dict:
+    """The base model's projection weights, to take the accumulated update's rank against."""
+    from study import load_weights
+
+    return load_weights(model_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = ap.add_argument
+    a("--task", choices=sorted(TASKS), default="stdlib")
     a("--work-dir", type=Path, default=Path("runs/study-real"))
     a("--out-dir", type=Path, default=Path("tools/results"))
-    a("--model", type=Path, default=None, help="default: the converted SmolLM2 of tools/smollm2.py")
+    a("--model", type=Path, default=None, help="default: the converted SmolLM2 of tools/real_models.py")
     a("--methods", default="lora,rslora,scalora,scalora_rawkappa,relora")
     a("--ranks", default="4")
     a("--lrs", default="2e-3")
@@ -111,16 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     a("--eval-every", type=int, default=20)
     a("--eval-batches", type=int, default=8)
     a("--parse-prompts", type=int, default=0, help="held-out prompts generated per run (0: skip)")
+    a("--accuracy-rows", type=int, default=40, help="austen: held-out paragraphs of the next-token accuracy")
+    a("--update-ranks", action="store_true", help="the numerical rank of each layer's accumulated update")
     a("--quick", action="store_true", help="lora and scalora, 4 steps: the code path only")
     args = ap.parse_args(argv)
     if args.quick:
         args.methods, args.steps, args.eval_every, args.eval_batches = "lora,scalora", 4, 4, 1
         args.lr_warmup, args.scalora_warmup, args.batch_size, args.max_length = 1, 2, 2, 128
     if args.model is None:
-        from smollm2 import checkpoint
+        from real_models import checkpoint
 
         args.model = checkpoint()
-    files = task_files(args.work_dir)
+    files = task_files(args.work_dir, args.task)
+    base_weights = base_projection_weights(args.model) if args.update_ranks else None
     results = []
     started = time.perf_counter()
     for method in args.methods.split(","):
@@ -129,21 +183,28 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in map(int, args.seeds.split(",")):
                     name = f"{method}_r{rank}-lr{lr:g}-s{seed}"
                     run_dir = run_cached(args, name, overrides_for(args, args.model, files, method, rank, lr, seed), print)
-                    summary = summarize_run(run_dir, None)
-                    if args.parse_prompts:
+                    summary = summarize_run(run_dir, base_weights)
+                    if args.task == "austen":
+                        summary["accuracy"], summary["samples"] = continuations(
+                            run_dir, files[1], args.parse_prompts, 40, args.accuracy_rows)
+                    elif args.parse_prompts:
                         summary["parse_rate"], summary["samples"] = generations(
                             run_dir, files[1], args.parse_prompts, 160)
+                    if summary.get("ranks"):
+                        summary["mean_update_rank"] = statistics.fmean(r["rank"] for r in summary["ranks"].values())
+                        summary.pop("ranks")  # per layer, in the run's study_done.json; the mean in the report
                     results.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **setting(args), **summary})
     write_report(args, results, time.perf_counter() - started)
 
 
 def setting(args) -> dict:
     """What besides method, rank, lr and seed tells two runs apart in the report."""
-    return {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
+    return {"task": args.task, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length}
 
 
 def _key(r: dict) -> tuple:
-    return (r["method"], r["rank"], r["lr"], r["seed"], r.get("steps"), r.get("batch_size"), r.get("max_length"))
+    return (r.get("task", "stdlib"), r["method"], r["rank"], r["lr"], r["seed"], r.get("steps"), r.get("batch_size"),
+            r.get("max_length"))
 
 
 def merged_results(path: Path, new: list[dict]) -> list[dict]:
@@ -154,29 +215,37 @@ def merged_results(path: Path, new: list[dict]) -> list[dict]:
     return [r for r in old if _key(r) not in fresh] + new
 
 
+TITLES = {"stdlib": "stdlib docstring -> function (chat, loss on the answers)",
+          "austen": "Jane Austen's prose (text; Persuasion held out)"}
+
+
 def write_report(args, results: list[dict], wall: float) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = "study_real_quick" if args.quick else "study_real"
+    name = "study_real" + ("" if args.task == "stdlib" else f"_{args.task}") + ("_quick" if args.quick else "")
     results = merged_results(args.out_dir / f"{name}.json", results)
     (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
+    metric = "next-token accuracy" if args.task == "austen" else "parses"
     lines = [
-        f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, stdlib docstring -> function",
+        f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, {TITLES[args.task]}",
         "", f"Rows accumulate over invocations (each run is cached); the last one: `python tools/study_real.py "
         f"{' '.join(sys.argv[1:])}` ({wall / 60:.1f} min here).",
-        f"Cosine with {args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss (answers only) at "
-        "the end; steps x batch of packed rows x tokens per row in the setting column.", "",
-        "| method | rank | lr | seed | setting | held-out loss | kappa | column / scalar / skip | parses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Cosine with {args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss at the end; steps x "
+        "batch of packed rows x tokens per row in the setting column; rank of ΔW: the mean over the adapted layers "
+        "of the numerical rank of W_final - W_base (where measured).", "",
+        f"| method | rank | lr | seed | setting | held-out loss | kappa | column / scalar / skip | rank of ΔW | {metric} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ref = r["refactor"]
         total = sum(ref.values())
         split = " / ".join(f"{100 * ref[k] / total:.0f}%" for k in ("column", "scalar", "skipped")) if total else "-"
         kappa = f"{r['kappa']:.3g}" if r.get("kappa") else "-"
-        parses = f"{100 * r['parse_rate']:.0f}%" if "parse_rate" in r else "-"
+        value = r.get("accuracy", r.get("parse_rate"))
+        shown = f"{100 * value:.{1 if 'accuracy' in r else 0}f}%" if value is not None else "-"
+        update_rank = f"{r['mean_update_rank']:.1f}" if r.get("mean_update_rank") is not None else "-"
         where = f"{r.get('steps', '?')} x {r.get('batch_size', '?')} x {r.get('max_length', '?')}"
         lines.append(f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {where} | {r['final_eval']:.4f} | "
-                     f"{kappa} | {split} | {parses} |")
+                     f"{kappa} | {split} | {update_rank} | {shown} |")
     by_method: dict[str, list[float]] = {}
     for r in results:
         by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g} ({r.get('steps', '?')} steps)", []).append(r["final_eval"])
@@ -187,13 +256,17 @@ def write_report(args, results: list[dict], wall: float) -> None:
             lines.append(f"| {k} | {statistics.fmean(v):.4f} | {std:.4f} | {len(v)} |")
     with_samples = [r for r in results if r.get("samples")]
     if with_samples:
-        lines += ["", "Greedy answers to the first held-out prompts (160 new tokens at most), side by side:"]
+        what = ("Greedy continuations of the first half of held-out paragraphs (40 new tokens)" if args.task == "austen"
+                else "Greedy answers to the first held-out prompts (160 new tokens at most)")
+        lines += ["", f"{what}, side by side:"]
         for i, first in enumerate(with_samples[0]["samples"][:3]):
-            lines += ["", f"**Prompt:** {first['prompt']}", "", f"reference:\n```python\n{first['reference']}\n```"]
+            reference = first["reference"] if args.task == "austen" else f"```python\n{first['reference']}\n```"
+            lines += ["", f"**Prompt:** {first['prompt']}", "", f"reference:\n{reference}"]
             for r in with_samples:
                 if i < len(r["samples"]):
                     sample = r["samples"][i]
-                    lines += [f"{r['method']} r{r['rank']} lr{r['lr']:g} ({'parses' if sample['parses'] else 'does not parse'}):",
+                    tag = "" if "parses" not in sample else f" ({'parses' if sample['parses'] else 'does not parse'})"
+                    lines += [f"{r['method']} r{r['rank']} lr{r['lr']:g}{tag}:",
                               f"````\n{sample['answer'].strip()}\n````"]  # answers hold ``` fences
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
