@@ -268,8 +268,72 @@ def write_report(args, results: list[dict], wall: float) -> None:
                     tag = "" if "parses" not in sample else f" ({'parses' if sample['parses'] else 'does not parse'})"
                     lines += [f"{r['method']} r{r['rank']} lr{r['lr']:g}{tag}:",
                               f"````\n{sample['answer'].strip()}\n````"]  # answers hold ``` fences
+    if not args.quick:
+        lines += ["", *(f"![{path.stem}]({path.name})" for path in make_plots(results, args.out_dir / name))]
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def best_rows(results: list[dict]) -> dict[tuple[str, int], tuple[float, list[float]]]:
+    """(method, rank) -> (its best lr by the seed-0 run, the held-out losses of every seed
+    there), over the runs of the longest setting each has."""
+    seed0 = {}
+    for r in results:
+        if r["seed"] == 0:
+            seed0.setdefault((r["method"], r["rank"]), {})[r["lr"]] = r["final_eval"]
+    out = {}
+    for key, by_lr in seed0.items():
+        lr = min(by_lr, key=by_lr.get)
+        out[key] = lr, [r["final_eval"] for r in results if (r["method"], r["rank"], r["lr"]) == (*key, lr)]
+    return out
+
+
+def make_plots(results: list[dict], prefix: Path) -> list[Path]:
+    """prefix_lr.png: held-out loss against lr per method (seed 0), one panel per rank;
+    prefix_best.png: each method at its best lr, mean and standard deviation over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    results = [r for r in results if r.get("steps") == max(x.get("steps", 0) for x in results)]
+    ranks = sorted({r["rank"] for r in results})
+    fig, axes = plt.subplots(1, len(ranks), figsize=(5 * len(ranks), 3.4), squeeze=False, sharey=True)
+    for ax, rank in zip(axes[0], ranks):
+        for method in dict.fromkeys(r["method"] for r in results):
+            runs = sorted((r["lr"], r["final_eval"]) for r in results
+                          if r["method"] == method and r["rank"] == rank and r["seed"] == 0)
+            if runs:
+                ax.plot(*zip(*runs), "o-", label=method, color="k" if method == "full" else None)
+        ax.set_xscale("log")
+        ax.set_title(f"lr sweep, r = {rank} (full: the same layers), seed 0", fontsize=9)
+        ax.set_xlabel("peak lr")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("held-out loss")
+    paths = [prefix.with_name(prefix.name + "_lr.png")]
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    best = sorted(best_rows(results).items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    fig, ax = plt.subplots(figsize=(max(5, 0.75 * len(best)), 3.4))
+    labels = [f"{m} r{r}\nlr {lr:g}" + (f"\n{len(v)} seeds" if len(v) > 1 else "") for (m, r), (lr, v) in best]
+    means = [sum(v) / len(v) for _, (_, v) in best]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, (_, v) in best]
+    ax.bar(range(len(best)), means, yerr=stds, capsize=3, color=["C2" if m.startswith("scalora") else "C0"
+                                                                 for (m, _), _ in best])
+    ax.set_xticks(range(len(best)), labels, fontsize=6)
+    ax.set_ylim(min(means) - 2 * max(stds + [0.005]), max(means) + 2 * max(stds + [0.005]))
+    ax.set_ylabel("held-out loss (lower is better)")
+    ax.set_title("each method at its best lr (seed 0 picks it); bars: mean, whiskers: std over seeds", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    paths.append(prefix.with_name(prefix.name + "_best.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
 
 
 if __name__ == "__main__":
