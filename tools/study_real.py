@@ -288,6 +288,10 @@ def best_rows(results: list[dict]) -> dict[tuple[str, int], tuple[float, list[fl
     return out
 
 
+SWEPT = ("lora", "rslora", "scalora", "scalora_i10", "scalora_rslora", "relora")
+"""The adapter methods of the lr plot (full fine-tuning's lrs are 10x lower: only in the other)."""
+
+
 def make_plots(results: list[dict], prefix: Path) -> list[Path]:
     """prefix_lr.png: held-out loss against lr per method (seed 0), one panel per rank;
     prefix_best.png: each method at its best lr, mean and standard deviation over seeds."""
@@ -296,19 +300,23 @@ def make_plots(results: list[dict], prefix: Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return []
     results = [r for r in results if r.get("steps") == max(x.get("steps", 0) for x in results)]
     ranks = sorted({r["rank"] for r in results})
     fig, axes = plt.subplots(1, len(ranks), figsize=(5 * len(ranks), 3.4), squeeze=False, sharey=True)
     for ax, rank in zip(axes[0], ranks):
-        for method in dict.fromkeys(r["method"] for r in results):
+        for method in [m for m in dict.fromkeys(r["method"] for r in results) if m in SWEPT]:
             runs = sorted((r["lr"], r["final_eval"]) for r in results
                           if r["method"] == method and r["rank"] == rank and r["seed"] == 0)
             if runs:
-                ax.plot(*zip(*runs), "o-", label=method, color="k" if method == "full" else None)
+                ax.plot(*zip(*runs), "o-", label=method)
         ax.set_xscale("log")
-        ax.set_title(f"lr sweep, r = {rank} (full: the same layers), seed 0", fontsize=9)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({r["lr"] for r in results if r["method"] in SWEPT}))
+        ax.set_title(f"lr sweep, r = {rank}, seed 0", fontsize=9)
         ax.set_xlabel("peak lr")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -319,12 +327,13 @@ def make_plots(results: list[dict], prefix: Path) -> list[Path]:
     plt.close(fig)
     best = sorted(best_rows(results).items(), key=lambda kv: (kv[0][1], kv[0][0]))
     fig, ax = plt.subplots(figsize=(max(5, 0.75 * len(best)), 3.4))
-    labels = [f"{m} r{r}\nlr {lr:g}" + (f"\n{len(v)} seeds" if len(v) > 1 else "") for (m, r), (lr, v) in best]
+    labels = [(m if m == "full" else f"{m} r{r}") + f"\nlr {lr:g}" + (f"\n{len(v)} seeds" if len(v) > 1 else "")
+              for (m, r), (lr, v) in best]
     means = [sum(v) / len(v) for _, (_, v) in best]
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, (_, v) in best]
     ax.bar(range(len(best)), means, yerr=stds, capsize=3, color=["C2" if m.startswith("scalora") else "C0"
                                                                  for (m, _), _ in best])
-    ax.set_xticks(range(len(best)), labels, fontsize=6)
+    ax.set_xticks(range(len(best)), labels, fontsize=6, rotation=35, ha="right")
     ax.set_ylim(min(means) - 2 * max(stds + [0.005]), max(means) + 2 * max(stds + [0.005]))
     ax.set_ylabel("held-out loss (lower is better)")
     ax.set_title("each method at its best lr (seed 0 picks it); bars: mean, whiskers: std over seeds", fontsize=8)
