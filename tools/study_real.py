@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study import run_cached, summarize_run  # noqa: E402
+from study import load_weights, run_cached, summarize_run  # noqa: E402
 
 METHODS = {
     "lora": ["adapter.method=lora", "adapter.use_rslora=false"],
@@ -135,13 +135,6 @@ def continuations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, a
     return right / max(1, total), samples
 
 
-def base_projection_weights(model_dir: Path) -> dict:
-    """The base model's projection weights, to take the accumulated update's rank against."""
-    from study import load_weights
-
-    return load_weights(model_dir)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = ap.add_argument
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = checkpoint()
     files = task_files(args.work_dir, args.task)
-    base_weights = base_projection_weights(args.model) if args.update_ranks else None
+    base_weights = load_weights(args.model) if args.update_ranks else None  # W_base, for the rank of ΔW
     results = []
     started = time.perf_counter()
     for method in args.methods.split(","):
