@@ -35,6 +35,8 @@ def unpacked(deb: Path | None = None) -> Path:
     """The folder holding the package's R data: `deb` itself when it is a folder, else the
     cache, filled from `deb` or from a fresh `apt-get download` (Debian's archive; no root
     needed), unpacked atomically."""
+    if deb is not None and not deb.exists():
+        raise SystemExit(f"--deb {deb}: no such file or folder")
     if deb is not None and deb.is_dir():
         return deb
     out = cache_root() / "janeaustenr"

@@ -129,8 +129,10 @@ def run_mode(args, mode: str) -> dict:
            "--tokens", str(args.tokens[0]), "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens)]
     if args.model:
         cmd += ["--model", str(args.model)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # the measuring process's own error, not a CalledProcessError about it
+        raise SystemExit(f"bench_loss: the {mode} measurement failed:\n{done.stderr.strip()[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
