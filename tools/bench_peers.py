@@ -46,8 +46,8 @@ PEERS = ("peft-loop", "peft-trainer")
 CONTENDERS = (*OURS, *PEERS)
 
 
-def contenders(nproc: int) -> list[str]:
-    return [c for c in CONTENDERS if nproc > 1 or c != "scalora-dist-replicated"]
+def contenders(nproc: int, chosen: tuple[str, ...] = CONTENDERS) -> list[str]:
+    return [c for c in chosen if nproc > 1 or c != "scalora-dist-replicated"]
 
 
 def config_overrides(args: argparse.Namespace, model: Path, train_file: Path, out_dir: Path) -> list[str]:
@@ -285,7 +285,7 @@ def report(args: argparse.Namespace, results: dict[int, dict[str, dict]], wall: 
     ]
     for nproc, by_name in results.items():
         best_peer = max(by_name[c]["tokens_per_s"] for c in PEERS)
-        for name in contenders(nproc):
+        for name in by_name:
             r = by_name[name]
             lines.append(
                 f"| {nproc} | {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / best_peer:.2f}x | "
@@ -310,8 +310,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny Llama and the quickstart text: the code paths only")
     p.add_argument("--out", type=Path, help="results folder (default: tools/results)")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help=f"comma-separated, from {', '.join(CONTENDERS)}; both peers are always run")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    chosen = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+    unknown = sorted(set(chosen) - set(CONTENDERS))
+    if unknown:
+        p.error(f"--contenders: unknown {', '.join(unknown)} (choose from {', '.join(CONTENDERS)})")
+    chosen = tuple(c for c in CONTENDERS if c in chosen or c in PEERS)  # the peers: the ratios' denominator
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return worker(args)
@@ -324,9 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args, work)
         results: dict[int, dict[str, dict]] = {}
         for nproc in [int(n) for n in args.nprocs.split(",")]:
-            rounds: dict[str, list[dict]] = {c: [] for c in contenders(nproc)}
+            rounds: dict[str, list[dict]] = {c: [] for c in contenders(nproc, chosen)}
             for _ in range(args.repeats):
-                for contender in contenders(nproc):
+                for contender in contenders(nproc, chosen):
                     print(f"{nproc} process(es): {contender} ...", flush=True)
                     rounds[contender].append(launch(args, contender, nproc, work))
             results[nproc] = {c: _median_round(rs) for c, rs in rounds.items()}

@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     a("--update-ranks", action="store_true", help="the numerical rank of each layer's accumulated update")
     a("--quick", action="store_true", help="lora and scalora, 4 steps: the code path only")
     args = ap.parse_args(argv)
-    if args.quick:
+    # generated tokens per held-out prompt: enough to see a function / a sentence
+    args.new_tokens = {"stdlib": 160, "austen": 40}[args.task]
+    if args.quick:  # the code path in CI: one packed row of 64 tokens a step, short answers
         args.methods, args.steps, args.eval_every, args.eval_batches = "lora,scalora", 4, 4, 1
-        args.lr_warmup, args.scalora_warmup, args.batch_size, args.max_length = 1, 2, 2, 128
+        args.lr_warmup, args.scalora_warmup, args.batch_size, args.max_length = 1, 2, 1, 64
+        args.new_tokens = 24
     if args.model is None:
         from real_models import checkpoint
 
@@ -179,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                     summary = summarize_run(run_dir, base_weights)
                     if args.task == "austen":
                         summary["accuracy"], summary["samples"] = continuations(
-                            run_dir, files[1], args.parse_prompts, 40, args.accuracy_rows)
+                            run_dir, files[1], args.parse_prompts, args.new_tokens, args.accuracy_rows)
                     elif args.parse_prompts:
                         summary["parse_rate"], summary["samples"] = generations(
-                            run_dir, files[1], args.parse_prompts, 160)
+                            run_dir, files[1], args.parse_prompts, args.new_tokens)
                     if summary.get("ranks"):
                         summary["mean_update_rank"] = statistics.fmean(r["rank"] for r in summary["ranks"].values())
                         summary.pop("ranks")  # per layer, in the run's study_done.json; the mean in the report
@@ -239,6 +242,9 @@ def write_report(args, results: list[dict], wall: float) -> None:
         where = f"{r.get('steps', '?')} x {r.get('batch_size', '?')} x {r.get('max_length', '?')}"
         lines.append(f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {where} | {r['final_eval']:.4f} | "
                      f"{kappa} | {split} | {update_rank} | {shown} |")
+    if not args.quick:
+        lines += ["", "Each method at its best lr (the seed-0 run picks it; mean ± standard deviation over the seeds "
+                  "run there; best first):", "", *headline(results)]
     by_method: dict[str, list[float]] = {}
     for r in results:
         by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g} ({r.get('steps', '?')} steps)", []).append(r["final_eval"])
@@ -249,8 +255,9 @@ def write_report(args, results: list[dict], wall: float) -> None:
             lines.append(f"| {k} | {statistics.fmean(v):.4f} | {std:.4f} | {len(v)} |")
     with_samples = [r for r in results if r.get("samples")]
     if with_samples:
-        what = ("Greedy continuations of the first half of held-out paragraphs (40 new tokens)" if args.task == "austen"
-                else "Greedy answers to the first held-out prompts (160 new tokens at most)")
+        what = (f"Greedy continuations of the first half of held-out paragraphs ({args.new_tokens} new tokens)"
+                if args.task == "austen" else
+                f"Greedy answers to the first held-out prompts ({args.new_tokens} new tokens at most)")
         lines += ["", f"{what}, side by side:"]
         for i, first in enumerate(with_samples[0]["samples"][:3]):
             reference = first["reference"] if args.task == "austen" else f"```python\n{first['reference']}\n```"
@@ -279,6 +286,31 @@ def best_rows(results: list[dict]) -> dict[tuple[str, int], tuple[float, list[fl
         lr = min(by_lr, key=by_lr.get)
         out[key] = lr, [r["final_eval"] for r in results if (r["method"], r["rank"], r["lr"]) == (*key, lr)]
     return out
+
+
+def headline(results: list[dict]) -> list[str]:
+    """The report's headline table: each (method, rank) at its best lr, over the runs of the
+    longest setting."""
+    longest = max(r.get("steps", 0) for r in results)
+    results = [r for r in results if r.get("steps", 0) == longest]
+    lines = ["| method | r | lrs tried | best lr | held-out loss | seeds | kappa | column / scalar / skip | rank of ΔW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for (method, rank), (lr, losses) in best_rows(results).items():
+        runs = [r for r in results if (r["method"], r["rank"], r["lr"]) == (method, rank, lr)]
+        tried = sorted({r["lr"] for r in results if (r["method"], r["rank"], r["seed"]) == (method, rank, 0)})
+        mean = statistics.fmean(losses)
+        spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
+        kappas = [r["kappa"] for r in runs if r.get("kappa")]
+        refactors = {k: sum(r["refactor"][k] for r in runs) for k in ("column", "scalar", "skipped")}
+        total = sum(refactors.values())
+        split = " / ".join(f"{100 * v / total:.0f}%" for v in refactors.values()) if total else "-"
+        ranks = [r["mean_update_rank"] for r in runs if r.get("mean_update_rank") is not None]
+        rows.append((mean, f"| {method} | {'-' if method == 'full' else rank} | {', '.join(f'{x:g}' for x in tried)} | "
+                           f"{lr:g} | {mean:.4f}{spread} | {len(losses)} | "
+                           f"{f'{statistics.fmean(kappas):.3g}' if kappas else '-'} | {split} | "
+                           f"{f'{statistics.fmean(ranks):.1f}' if ranks else '-'} |"))
+    return lines + [line for _, line in sorted(rows)]
 
 
 SWEPT = ("lora", "rslora", "scalora", "scalora_i10", "scalora_rslora", "relora")
