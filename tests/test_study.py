@@ -94,3 +94,27 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
     # report-only names a run that is missing
     with pytest.raises(SystemExit, match="missing"):
         study.main([*argv, "--report-only", "--seeds", "3"])
+
+
+def test_real_study_headline_picks_each_methods_best_lr_by_seed_0_and_averages_its_seeds():
+    """tools/study_real.py's headline table (the README's): per method and rank, the lr whose
+    seed-0 run is lowest, the mean ± std of every seed there, the other lrs listed as tried."""
+    import statistics
+
+    import study_real
+
+    def run(method, rank, lr, seed, loss, kappa=None):
+        refactor = {"column": 3, "scalar": 1, "skipped": 0} if kappa else {"column": 0, "scalar": 0, "skipped": 0}
+        return {"method": method, "rank": rank, "lr": lr, "seed": seed, "steps": 40, "final_eval": loss,
+                "kappa": kappa, "refactor": refactor}
+
+    results = [run("lora", 4, 1e-3, 0, 1.60), run("lora", 4, 2e-3, 0, 1.50), run("lora", 4, 2e-3, 1, 1.56),
+               run("lora", 4, 2e-3, 2, 1.53), run("lora", 4, 1e-3, 1, 1.40),  # seed 1 does not pick the lr
+               run("scalora", 4, 2e-3, 0, 1.55, kappa=0.5), run("scalora", 4, 4e-3, 0, 1.45, kappa=1.0),
+               {**run("lora", 4, 1e-3, 0, 1.0), "steps": 10}]  # a shorter setting: not in the table
+    header, rule, first, second = study_real.headline(results)
+    assert header.startswith("| method | r | lrs tried | best lr | held-out loss |")
+    assert first.split(" | ")[:4] == ["| scalora", "4", "0.002, 0.004", "0.004"]
+    assert "1.4500 |" in first and "| 1 | 1 | 75% / 25% / 0% |" in first
+    mean, std = statistics.fmean([1.50, 1.56, 1.53]), statistics.stdev([1.50, 1.56, 1.53])
+    assert second.split(" | ")[:5] == ["| lora", "4", "0.001, 0.002", "0.002", f"{mean:.4f} ± {std:.4f}"]

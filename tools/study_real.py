@@ -47,6 +47,9 @@ METHODS = {
     # kappa x4 and x1/4 around the auto rule: is the rule's kappa near the best one?
     "scalora_k4": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=4"],
     "scalora_k025": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=0.25"],
+    # the first refactor after 3 plain LoRA steps instead of 10: do the columns stay apart
+    # (the r = 16 collinearity grows in the plain-LoRA warm-up)?
+    "scalora_w3": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.warmup_steps=3"],
     "relora": ["adapter.method=relora"],
     "full": ["adapter.method=full"],
 }
