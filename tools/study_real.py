@@ -235,9 +235,7 @@ def write_report(args, results: list[dict], wall: float) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = r["refactor"]
-        total = sum(ref.values())
-        split = " / ".join(f"{100 * ref[k] / total:.0f}%" for k in ("column", "scalar", "skipped")) if total else "-"
+        split = refactor_split(r["refactor"])
         kappa = f"{r['kappa']:.3g}" if r.get("kappa") else "-"
         value = r.get("accuracy", r.get("parse_rate"))
         shown = f"{100 * value:.{1 if 'accuracy' in r else 0}f}%" if value is not None else "-"
@@ -291,11 +289,22 @@ def best_rows(results: list[dict]) -> dict[tuple[str, int], tuple[float, list[fl
     return out
 
 
+def refactor_split(counts: dict[str, int]) -> str:
+    """ScaLoRA's refactor outcomes as shares: 'column / scalar / skipped', or '-' for none."""
+    total = sum(counts.values())
+    return " / ".join(f"{100 * counts[k] / total:.0f}%" for k in ("column", "scalar", "skipped")) if total else "-"
+
+
+def longest_setting(results: list[dict]) -> list[dict]:
+    """The runs of the most steps: the headline and the plots compare like with like."""
+    longest = max(r.get("steps", 0) for r in results)
+    return [r for r in results if r.get("steps", 0) == longest]
+
+
 def headline(results: list[dict]) -> list[str]:
     """The report's headline table: each (method, rank) at its best lr, over the runs of the
     longest setting."""
-    longest = max(r.get("steps", 0) for r in results)
-    results = [r for r in results if r.get("steps", 0) == longest]
+    results = longest_setting(results)
     lines = ["| method | r | lrs tried | best lr | held-out loss | seeds | kappa | column / scalar / skip | rank of ΔW |",
              "|---|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -305,9 +314,7 @@ def headline(results: list[dict]) -> list[str]:
         mean = statistics.fmean(losses)
         spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
         kappas = [r["kappa"] for r in runs if r.get("kappa")]
-        refactors = {k: sum(r["refactor"][k] for r in runs) for k in ("column", "scalar", "skipped")}
-        total = sum(refactors.values())
-        split = " / ".join(f"{100 * v / total:.0f}%" for v in refactors.values()) if total else "-"
+        split = refactor_split({k: sum(r["refactor"][k] for r in runs) for k in ("column", "scalar", "skipped")})
         ranks = [r["mean_update_rank"] for r in runs if r.get("mean_update_rank") is not None]
         rows.append((mean, f"| {method} | {'-' if method == 'full' else rank} | {', '.join(f'{x:g}' for x in tried)} | "
                            f"{lr:g} | {mean:.4f}{spread} | {len(losses)} | "
@@ -331,7 +338,7 @@ def make_plots(results: list[dict], prefix: Path) -> list[Path]:
         import matplotlib.ticker
     except ImportError:
         return []
-    results = [r for r in results if r.get("steps") == max(x.get("steps", 0) for x in results)]
+    results = longest_setting(results)
     ranks = sorted({r["rank"] for r in results})
     fig, axes = plt.subplots(1, len(ranks), figsize=(5 * len(ranks), 3.4), squeeze=False, sharey=True)
     for ax, rank in zip(axes[0], ranks):
