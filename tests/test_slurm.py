@@ -219,7 +219,9 @@ def test_two_node_job_survives_a_killed_worker_and_ends_with_the_one_process_res
     same run gives in one process."""
     out = tmp_path / "run"
     started = time.monotonic()
-    job = _submit(cluster, out, tiny_llama, "--max-restarts", "1", "--job-name", "kill-one")
+    # A time limit far beyond the run's length: on a loaded machine the default 5 minutes can
+    # bring the time-limit warning (a requeue: a third start) before the job ends.
+    job = _submit(cluster, out, tiny_llama, "--max-restarts", "1", "--job-name", "kill-one", time_limit="00:30:00")
     first = out / "checkpoints/step-00000002"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not first.is_dir():
