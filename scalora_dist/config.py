@@ -79,6 +79,10 @@ class ScaLoRAConfig:
     (so an LR warm-up before the first refactor does not shrink it; docs/method.md, "kappa")."""
     kappa_multiplier: float = 1.0
     """Multiplies kappa (auto or given); for sensitivity studies (x1/4, x1, x4)."""
+    kappa_scope: Literal["global", "layer"] = "global"
+    """With `kappa: auto`: one kappa from every layer's columns (`global`), or each layer its
+    own, from its own columns (`layer`; a layer whose adapter is still zero then takes the
+    global value). Measured on the real model in the README: `global` is the default."""
     accumulator_rank: int = 64
     """4-bit bases only: rank R of the float32 low-rank accumulator that holds the merged
     update (requantising 4-bit codes would drop it); re-compressed to its best rank-R
@@ -412,6 +416,11 @@ def validate(config: Config) -> None:
     _positive("adapter.scalora.kappa_multiplier", s.kappa_multiplier)
     if s.kappa != "auto":
         _positive("adapter.scalora.kappa", s.kappa)
+        if s.kappa_scope != "global":
+            raise ConfigError(
+                f"adapter.scalora.kappa_scope: {s.kappa_scope!r} needs adapter.scalora.kappa: auto "
+                f"(a kappa given as a number, here {s.kappa:g}, is the same for every layer)"
+            )
     _positive("adapter.scalora.accumulator_rank", s.accumulator_rank)
     if m.base_placement == "replicated" and a.method == "full":
         raise ConfigError(

@@ -53,6 +53,7 @@ def test_yaml_file_and_override_precedence(tmp_path):
     ("adapter.use_rslora=maybe", "adapter.use_rslora: expected true or false"),
     ("adapter.method=qlora", "adapter.method: 'qlora' is not one of lora, scalora, relora, full"),
     ("adapter.scalora.kappa=big", "adapter.scalora.kappa"),
+    ("adapter.scalora.kappa_scope=model", "adapter.scalora.kappa_scope"),
     ("adapter.rank=0", "adapter.rank: must be > 0"),
     ("adapter.dropout=0.1", "adapter.dropout: must be 0 for method scalora"),
     ("train.epochs=2", "exactly one of train.max_steps and train.epochs"),
@@ -65,6 +66,11 @@ def test_yaml_file_and_override_precedence(tmp_path):
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, BASE + [override])
+
+
+def test_a_per_layer_kappa_needs_kappa_auto():
+    with pytest.raises(ConfigError, match="adapter.scalora.kappa_scope: 'layer' needs adapter.scalora.kappa: auto"):
+        load_config(None, BASE + ["adapter.scalora.kappa=0.5", "adapter.scalora.kappa_scope=layer"])
 
 
 def test_a_replicated_base_cannot_be_trained_in_full():

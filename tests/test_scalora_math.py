@@ -474,6 +474,14 @@ def test_batched_solve_equals_the_per_layer_solve_bit_for_bit():
     assert {s.kind for s in single} == {sm.COLUMN, sm.SCALAR, sm.SKIPPED}
     for b, s in zip(batch, single):
         assert b.kind == s.kind and torch.equal(b.alpha, s.alpha) and torch.equal(b.beta, s.beta)
+    # one kappa per layer (kappa_scope: layer): each system takes its own
+    kappas = [0.2 + 0.05 * i for i in range(len(Ps))]
+    batch = sm.solve_scales_batch(torch.stack(Ps), torch.stack(Qs), kappas)
+    for b, P, Q, k in zip(batch, Ps, Qs, kappas):
+        s = sm.solve_scales(P, Q, k)
+        assert b.kind == s.kind and torch.equal(b.alpha, s.alpha) and torch.equal(b.beta, s.beta)
+    with pytest.raises(ValueError, match="3 kappas for 80 systems"):
+        sm.solve_scales_batch(torch.stack(Ps), torch.stack(Qs), kappas[:3])
 
 
 def test_batched_refactor_of_a_real_model_equals_the_layer_by_layer_rewrite(tiny_llama):

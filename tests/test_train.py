@@ -144,6 +144,51 @@ def test_auto_kappa_is_the_same_with_or_without_an_lr_warmup(tiny_llama, tmp_pat
     assert k_warm * fraction_warm / k_const < 0.7, "the raw product should shrink under the warm-up"
 
 
+def test_per_layer_auto_kappa_is_each_layers_own_mean_column_pair_size(tiny_llama, tmp_path):
+    """kappa_scope: layer. At the first refactor each layer's kappa is the mean over its
+    columns of ||a_i|| ||b_i|| = s ||lora_B[:, i]|| ||lora_A[i]|| (float64, from the factors
+    that refactor sees), divided by the mean lr fraction so far; the layers differ, and the
+    run's reported kappa is their mean. kappa_scope: global is the mean over every column."""
+    warmup = 3
+
+    def run_to_first_refactor(scope):
+        cfg = _config(tiny_llama, tmp_path / scope, f"adapter.scalora.warmup_steps={warmup}",
+                      f"train.max_steps={warmup + 2}", "train.warmup_steps=2",
+                      f"adapter.scalora.kappa_scope={scope}")
+        run = setup(cfg)
+        for step in range(warmup):
+            train_step(run, step)
+        layers = run.scalora.layers
+        sizes = [(l.scale * l.lora_B.detach().double().norm(dim=0) * l.lora_A.detach().double().norm(dim=1))
+                 for l in layers]
+        return run, sizes, train_step(run, warmup).report
+
+    run, sizes, report = run_to_first_refactor("layer")
+    fraction = run.scalora.lr_fraction(warmup)
+    assert fraction < 1  # the LR warm-up: what the rule divides out
+    expected = [float(s.mean()) / fraction for s in sizes]
+    assert len(run.scalora.kappa) == len(expected) > 1
+    for got, want in zip(run.scalora.kappa, expected):
+        assert got == pytest.approx(want, rel=1e-12)
+    assert max(expected) > 1.2 * min(expected), "tiny layers that all agree would test nothing"
+    assert report.kappa == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+
+    # the per-layer kappas are in the checkpoint: a resumed run takes the next step exactly
+    from scalora_dist.train import restore, save
+
+    checkpoint = save(run, tmp_path / "ckpt", warmup + 1)
+    resumed = setup(_config(tiny_llama, tmp_path / "resumed", f"adapter.scalora.warmup_steps={warmup}",
+                            f"train.max_steps={warmup + 2}", "train.warmup_steps=2", "adapter.scalora.kappa_scope=layer"))
+    assert restore(resumed, checkpoint) == warmup + 1 and resumed.scalora.kappa == run.scalora.kappa
+    train_step(run, warmup + 1)
+    train_step(resumed, warmup + 1)
+    for name, layer in lora_layers(run.model).items():
+        assert torch.equal(layer.weight, lora_layers(resumed.model)[name].weight), name
+
+    run, sizes, _ = run_to_first_refactor("global")
+    assert run.scalora.kappa == pytest.approx(float(torch.cat(sizes).mean()) / fraction, rel=1e-12)
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lora_export_loads_in_peft_with_the_same_logits(use_rslora, tiny_llama, tmp_path):
     from peft import PeftModel

@@ -50,6 +50,9 @@ METHODS = {
     # the first refactor after 3 plain LoRA steps instead of 10: do the columns stay apart
     # (the r = 16 collinearity grows in the plain-LoRA warm-up)?
     "scalora_w3": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.warmup_steps=3"],
+    # kappa resolved per layer from its own columns (the layers' adapters grow at different
+    # sizes; one global kappa drains the large ones and leaves the small ones)
+    "scalora_lk": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_scope=layer"],
     "relora": ["adapter.method=relora"],
     "full": ["adapter.method=full"],
 }

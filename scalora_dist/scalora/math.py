@@ -144,16 +144,21 @@ def _solve_psd_batch(
 def solve_scales_batch(
     P: torch.Tensor,
     Q: torch.Tensor,
-    kappa: float,
+    kappa: float | list[float],
     *,
     ridge: float = 1e-12,
     max_condition: float = 1e12,
 ) -> list[Scales]:
     """solve_scales for B layers of the same rank at once, P and Q stacked (B, 2r, 2r) on the
     CPU: one batched eigendecomposition and solve for the column systems, one for the scalar
-    fallbacks. Gives what solve_scales gives layer by layer, bit for bit (tested)."""
-    if not (math.isfinite(kappa) and kappa > 0):
-        raise ValueError(f"kappa must be positive and finite, got {kappa}")
+    fallbacks. Gives what solve_scales gives layer by layer, bit for bit (tested). `kappa`:
+    one for all, or one per system."""
+    kappas = [kappa] * P.shape[0] if isinstance(kappa, (int, float)) else list(kappa)
+    if len(kappas) != P.shape[0]:
+        raise ValueError(f"{len(kappas)} kappas for {P.shape[0]} systems")
+    for k in kappas:
+        if not (math.isfinite(k) and k > 0):
+            raise ValueError(f"kappa must be positive and finite, got {k}")
     r = P.shape[-1] // 2
     P, Q = P.to(torch.float64), Q.to(torch.float64)
     K = P * Q
@@ -165,7 +170,7 @@ def solve_scales_batch(
     ab, scalar = _solve_psd_batch(K2, lam2, ridge, max_condition)
     ones = torch.ones(r, dtype=torch.float64)
     out = []
-    for i in range(P.shape[0]):
+    for i, kappa in enumerate(kappas):
         if column[i]:
             out.append(Scales((kappa * v[i, :r]).sqrt(), (kappa * v[i, r:]).sqrt(), COLUMN))
         elif scalar[i]:

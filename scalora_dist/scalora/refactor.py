@@ -68,7 +68,8 @@ AllReduce = Callable[[torch.Tensor], None]
 
 
 class ScaLoRA:
-    """Decides when to refactor and carries kappa (resolved once, then constant)."""
+    """Decides when to refactor and carries kappa (resolved once, then constant): one
+    number, or with `kappa_scope: layer` one per layer of `layers`."""
 
     def __init__(
         self,
@@ -84,7 +85,7 @@ class ScaLoRA:
         self.all_reduce = all_reduce
         self.lr_multiplier = lr_multiplier
         """The LR schedule as a fraction of the peak lr, by step: what kappa='auto' corrects for."""
-        self.kappa: float | None = None if cfg.kappa == "auto" else float(cfg.kappa)
+        self.kappa: float | list[float] | None = None if cfg.kappa == "auto" else float(cfg.kappa)
 
     def is_due(self, step: int) -> bool:
         """`step` counts optimizer steps already taken (0-based)."""
@@ -104,7 +105,13 @@ class ScaLoRA:
         return {"kappa": self.kappa}
 
     def load_state_dict(self, state: dict) -> None:
-        self.kappa = state["kappa"]
+        kappa = state["kappa"]
+        if isinstance(kappa, list) and len(kappa) != len(self.layers):
+            raise ValueError(
+                f"the checkpoint holds a kappa for each of {len(kappa)} layers, this model has "
+                f"{len(self.layers)} adapted layers (adapter.target_modules changed?)"
+            )
+        self.kappa = kappa
 
     @torch.no_grad()
     def refactor(self, step: int | None = None) -> RefactorReport:
@@ -155,12 +162,17 @@ class ScaLoRA:
         stats = _unflatten(flat[:n_stats].cpu(), stats)
         grams = [(P, Q) for P, Q, *_ in stats]
         if self.kappa is None:
-            self.kappa = auto_kappa(grams, self.lr_fraction(step))
+            self.kappa = self._resolve_auto_kappa(layers, grams, step)
             if self.kappa is None:  # adapters still all zero: nothing to scale yet
                 report.skipped = len(self.layers)
                 return report
-        kappa = self.kappa * self.cfg.kappa_multiplier
-        report.kappa = kappa
+        if isinstance(self.kappa, list):
+            position = {id(l): i for i, l in enumerate(self.layers)}
+            kappa = [self.kappa[position[id(l)]] * self.cfg.kappa_multiplier for l in layers]
+            report.kappa = sum(kappa) / len(kappa)
+        else:
+            kappa = self.kappa * self.cfg.kappa_multiplier
+            report.kappa = kappa
         report.skipped = len(self.layers) - len(layers)
         solved = solve_all(grams, kappa)
         kept = [(i, scales) for i, scales in enumerate(solved) if scales.kind != sm.SKIPPED]
@@ -179,6 +191,19 @@ class ScaLoRA:
         for layer in self.layers:
             layer.full_A = None
         return report
+
+    def _resolve_auto_kappa(
+        self, layers: list[LoRALinear], grams: list[tuple[torch.Tensor, torch.Tensor]], step: int | None
+    ) -> float | list[float] | None:
+        """kappa='auto' at the first refactor: one value (kappa_scope global), or each layer's
+        own (kappa_scope layer), where a layer still zero, or without gradients now, takes
+        the global value. None while every adapter is zero."""
+        fraction = self.lr_fraction(step)
+        common = auto_kappa(grams, fraction)
+        if common is None or self.cfg.kappa_scope == "global":
+            return common
+        own = {id(layer): auto_kappa([g], fraction) for layer, g in zip(layers, grams)}
+        return [own.get(id(layer)) or common for layer in self.layers]
 
     def lr_fraction(self, step: int | None) -> float:
         """Mean learning rate of the steps taken so far, as a fraction of the peak."""
@@ -243,8 +268,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float) -> list[sm.Scales]:
-    """Every layer's scales, the systems of each rank solved together (sm.solve_scales_batch)."""
+def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float | list[float]) -> list[sm.Scales]:
+    """Every layer's scales, the systems of each rank solved together (sm.solve_scales_batch);
+    `kappa`: one for all, or one per layer."""
     solved: list[sm.Scales | None] = [None] * len(grams)
     by_rank: dict[int, list[int]] = {}
     for i, (P, _) in enumerate(grams):
@@ -252,7 +278,8 @@ def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float) -> l
     for indices in by_rank.values():
         P = torch.stack([grams[i][0] for i in indices])
         Q = torch.stack([grams[i][1] for i in indices])
-        for i, scales in zip(indices, sm.solve_scales_batch(P, Q, kappa)):  # (looked up here: tools may replace it)
+        kappas = kappa if isinstance(kappa, (int, float)) else [kappa[i] for i in indices]
+        for i, scales in zip(indices, sm.solve_scales_batch(P, Q, kappas)):  # (looked up here: tools may replace it)
             solved[i] = scales
     return solved
 
