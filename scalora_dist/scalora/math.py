@@ -11,6 +11,7 @@ tiny float64 system. No torch.distributed here: callers do the communication.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -44,16 +45,22 @@ def lora_grams(
     O((m+n) r^2). lora_B / lora_B_grad: any row block; lora_A / lora_A_grad: any column block.
     The sqrt(s) factors go on the small result so shards of any size are treated alike.
     """
-    r = lora_B.shape[1]
-    root = math.sqrt(scale)
     left = torch.cat([lora_B, lora_B_grad], dim=1).to(torch.float64)  # (m_loc, 2r)
     right = torch.cat([lora_A_grad, lora_A], dim=0).to(torch.float64)  # (2r, n_loc)
-    ones = torch.ones(r, dtype=torch.float64, device=left.device)
-    d_p = torch.cat([ones * root, ones / root])  # [A, G_A] = [lora_B, lora_B_grad] diag(d_p)
-    d_q = torch.cat([ones / root, ones * root])  # [G_B, B] = [lora_A_grad, lora_A]^T diag(d_q)
+    d_p, d_q = _gram_diagonals(lora_B.shape[1], scale, left.device)
     P = (left.T @ left) * d_p[:, None] * d_p[None, :]
     Q = (right @ right.T) * d_q[:, None] * d_q[None, :]
     return P, Q
+
+
+@functools.lru_cache(maxsize=64)
+def _gram_diagonals(r: int, scale: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_p, d_q of lora_grams: [A, G_A] = [lora_B, lora_B_grad] diag(d_p) and
+    [G_B, B] = [lora_A_grad, lora_A]^T diag(d_q); the same few numbers for every layer of a
+    rank and scale, so made once (never written to)."""
+    root = math.sqrt(scale)
+    ones = torch.ones(r, dtype=torch.float64, device=device)
+    return torch.cat([ones * root, ones / root]), torch.cat([ones / root, ones * root])
 
 
 def column_scaling_system(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,16 +175,15 @@ def solve_scales_batch(
     K2 = torch.stack([torch.stack([b.sum(dim=(1, 2)) for b in row], dim=1) for row in blocks], dim=1)
     lam2 = torch.stack([lam[:, :r].sum(1), lam[:, r:].sum(1)], dim=1)
     ab, scalar = _solve_psd_batch(K2, lam2, ridge, max_condition)
+    # Every layer's scales in a few whole-batch operations (elementwise, so each row is
+    # what its own system's formula gives): column, scalar or ones (skipped).
+    k = torch.tensor(kappas, dtype=torch.float64)[:, None]
     ones = torch.ones(r, dtype=torch.float64)
-    out = []
-    for i, kappa in enumerate(kappas):
-        if column[i]:
-            out.append(Scales((kappa * v[i, :r]).sqrt(), (kappa * v[i, r:]).sqrt(), COLUMN))
-        elif scalar[i]:
-            out.append(Scales((kappa * ab[i, 0]).sqrt() * ones, (kappa * ab[i, 1]).sqrt() * ones, SCALAR))
-        else:
-            out.append(Scales(ones, ones.clone(), SKIPPED))
-    return out
+    scalar_ab = (k * ab).sqrt()[:, :, None] * ones  # (B, 2, r)
+    alpha = torch.where(column[:, None], (k * v[:, :r]).sqrt(), torch.where(scalar[:, None], scalar_ab[:, 0], ones))
+    beta = torch.where(column[:, None], (k * v[:, r:]).sqrt(), torch.where(scalar[:, None], scalar_ab[:, 1], ones))
+    kinds = [COLUMN if c else SCALAR if s else SKIPPED for c, s in zip(column.tolist(), scalar.tolist())]
+    return [Scales(a, b, kind) for a, b, kind in zip(alpha, beta, kinds)]
 
 
 def column_norm_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -211,25 +217,63 @@ def merge_increment_(
     weight.add_(delta.to(weight.device))
 
 
-def _scale_columns_(t: torch.Tensor, f: torch.Tensor) -> None:
-    t.mul_(f.to(device=t.device, dtype=_compute_dtype(t))[None, :])
+#: (tensor, factor, axis) of a rewrite's rescales: the tensor's rows (axis 0) or columns
+#: (axis 1) multiplied by alpha, beta or a square of one (rescale_many_ applies them).
+RescalePlan = list[tuple[torch.Tensor, str, int]]
 
 
-def _scale_rows_(t: torch.Tensor, f: torch.Tensor) -> None:
-    t.mul_(f.to(device=t.device, dtype=_compute_dtype(t))[:, None])
+def factor_plan(lora_A: torch.Tensor, lora_B: torch.Tensor) -> RescalePlan:
+    """A -> A diag(alpha), B -> B diag(beta) in PyTorch layout: lora_B columns, lora_A rows."""
+    return [(lora_B, "alpha", 1), (lora_A, "beta", 0)]
+
+
+def gradient_plan(lora_A_grad: torch.Tensor, lora_B_grad: torch.Tensor) -> RescalePlan:
+    """Map the current gradients to the new parametrisation: d/dA~ = G_A diag(beta) and
+    d/dB~ = G_B diag(alpha), i.e. each factor's gradient takes the OTHER factor's scale."""
+    return [(lora_B_grad, "beta", 1), (lora_A_grad, "alpha", 0)]
+
+
+def adam_moment_plan(
+    exp_avg_A: torch.Tensor, exp_avg_sq_A: torch.Tensor, exp_avg_B: torch.Tensor, exp_avg_sq_B: torch.Tensor
+) -> RescalePlan:
+    """Map AdamW state like the gradients (second moments by the squares), so the direction
+    m / sqrt(v) is unchanged and no reset or re-warm-up is needed. A/B = lora_A/lora_B."""
+    return [(exp_avg_A, "alpha", 0), (exp_avg_sq_A, "alpha_sq", 0), (exp_avg_B, "beta", 1), (exp_avg_sq_B, "beta_sq", 1)]
+
+
+def rescale_many_(plans: list[RescalePlan], scales: list[Scales]) -> None:
+    """Every layer's rescales (plans[i] with scales[i]) in one foreach multiply. The factors
+    travel as one float64 tensor, squared once and cast once for each (device, dtype) they
+    meet (at least float32), so each tensor is multiplied by exactly what a factor cast for
+    it alone would be: t * f.to(dtype), with f**2 taken in float64."""
+    if not plans:
+        return
+    flat = torch.cat([t for s in scales for t in (s.alpha, s.beta)])
+    both = torch.cat([flat, flat.square()])
+    sizes = [s.alpha.numel() for s in scales for _ in (0, 1)] * 2
+    pieces: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+    tensors, factors = [], []
+    n = 2 * len(scales)
+    for k, plan in enumerate(plans):
+        at = {"alpha": 2 * k, "beta": 2 * k + 1, "alpha_sq": n + 2 * k, "beta_sq": n + 2 * k + 1}
+        for t, which, axis in plan:
+            key = (t.device, _compute_dtype(t))
+            if key not in pieces:
+                pieces[key] = both.to(device=key[0], dtype=key[1]).split(sizes)
+            f = pieces[key][at[which]]
+            tensors.append(t)
+            factors.append(f[:, None] if axis == 0 else f[None, :])
+    torch._foreach_mul_(tensors, factors)
 
 
 def rescale_factors_(lora_A: torch.Tensor, lora_B: torch.Tensor, scales: Scales) -> None:
-    """A -> A diag(alpha), B -> B diag(beta) in PyTorch layout: lora_B columns, lora_A rows."""
-    _scale_columns_(lora_B, scales.alpha)
-    _scale_rows_(lora_A, scales.beta)
+    """factor_plan of one layer, applied."""
+    rescale_many_([factor_plan(lora_A, lora_B)], [scales])
 
 
 def rescale_gradients_(lora_A_grad: torch.Tensor, lora_B_grad: torch.Tensor, scales: Scales) -> None:
-    """Map the current gradients to the new parametrisation: d/dA~ = G_A diag(beta) and
-    d/dB~ = G_B diag(alpha), i.e. each factor's gradient takes the OTHER factor's scale."""
-    _scale_columns_(lora_B_grad, scales.beta)
-    _scale_rows_(lora_A_grad, scales.alpha)
+    """gradient_plan of one layer, applied."""
+    rescale_many_([gradient_plan(lora_A_grad, lora_B_grad)], [scales])
 
 
 def rescale_adam_moments_(
@@ -239,12 +283,8 @@ def rescale_adam_moments_(
     exp_avg_sq_B: torch.Tensor,
     scales: Scales,
 ) -> None:
-    """Map AdamW state like the gradients (second moments by the squares), so the direction
-    m / sqrt(v) is unchanged and no reset or re-warm-up is needed. A/B = lora_A/lora_B."""
-    _scale_rows_(exp_avg_A, scales.alpha)
-    _scale_rows_(exp_avg_sq_A, scales.alpha.square())
-    _scale_columns_(exp_avg_B, scales.beta)
-    _scale_columns_(exp_avg_sq_B, scales.beta.square())
+    """adam_moment_plan of one layer, applied."""
+    rescale_many_([adam_moment_plan(exp_avg_A, exp_avg_sq_A, exp_avg_B, exp_avg_sq_B)], [scales])
 
 
 def accumulator_grams(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -185,9 +186,9 @@ class ScaLoRA:
             # One copy of every alpha and beta to the device, then merges and rescales that
             # the device runs in order, without waiting for the host.
             on_device = _to_device(kept, layers[0].lora_A.device)
-            for (i, _), scales in zip(kept, on_device):
-                layer, (_, _, *acc_grams) = layers[i], stats[i]
-                self._rewrite(layer, scales, acc_grams, full_A=full_As[i], full_B=full_Bs[i], report=report)
+            at = [i for i, _ in kept]
+            self._rewrite_all([layers[i] for i in at], on_device, [stats[i][2:] for i in at],
+                              full_As=[full_As[i] for i in at], full_Bs=[full_Bs[i] for i in at], report=report)
         for layer in self.layers:
             layer.full_A = None
         return report
@@ -219,17 +220,43 @@ class ScaLoRA:
             stats += sm.accumulator_grams(_local(layer.acc_U), _local(layer.acc_V), A, B)
         return stats
 
-    @torch.no_grad()
     def _rewrite(
         self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
         *, full_A: torch.Tensor | None = None, full_B: torch.Tensor | None = None,
         report: RefactorReport | None = None,
     ) -> None:
-        """Merge into this rank's rows of the base (or its accumulator), rescale the local
-        shards of factors, gradients and AdamW moments. `acc_grams`: the accumulator's
-        reduced Grams (default: this process's own); `full_A`: the whole float32 lora_A
-        (default: the layer's own, or the copy its forward captured); `full_B`: the whole
-        lora_B, for a base whole on every rank (default: this rank's rows)."""
+        """_rewrite_all for one layer."""
+        self._rewrite_all([layer], [scales], [acc_grams], full_As=[full_A], full_Bs=[full_B], report=report)
+
+    @torch.no_grad()
+    def _rewrite_all(
+        self, layers: list[LoRALinear], scales: list[sm.Scales], acc_grams: list[list[torch.Tensor]],
+        *, full_As: list[torch.Tensor | None], full_Bs: list[torch.Tensor | None],
+        report: RefactorReport | None = None,
+    ) -> None:
+        """Merge each layer's increment (from the old factors), then rescale the local shards
+        of every layer's factors, gradients and AdamW moments in one foreach multiply."""
+        with ExitStack() as open_moments:
+            plans = []
+            for layer, layer_scales, grams, full_A, full_B in zip(layers, scales, acc_grams, full_As, full_Bs):
+                self._merge(layer, layer_scales, grams, full_A=full_A, full_B=full_B, report=report)
+                A, B = layer.lora_A, layer.lora_B
+                plan = sm.factor_plan(_local(A), _local(B)) + sm.gradient_plan(_local(A.grad), _local(B.grad))
+                moments_A = open_moments.enter_context(adam_moments(self.optimizer, A))
+                moments_B = open_moments.enter_context(adam_moments(self.optimizer, B))
+                if moments_A is not None and moments_B is not None:
+                    plan += sm.adam_moment_plan(*(_local(m) for m in (*moments_A, *moments_B)))
+                plans.append(plan)
+            sm.rescale_many_(plans, scales)
+
+    def _merge(
+        self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
+        *, full_A: torch.Tensor | None, full_B: torch.Tensor | None, report: RefactorReport | None,
+    ) -> None:
+        """Merge into this rank's rows of the base (or its accumulator). `acc_grams`: the
+        accumulator's reduced Grams (default: this process's own); `full_A`: the whole
+        float32 lora_A (default: the layer's own, or the copy its forward captured);
+        `full_B`: the whole lora_B, for a base whole on every rank (default: this rank's rows)."""
         if layer.acc_U is not None:
             acc_grams = acc_grams or self._layer_statistics(layer)[2:]
             # 4-bit base: the increment s * lora_B diag(1 - alpha*beta) lora_A goes into the
@@ -253,15 +280,6 @@ class ScaLoRA:
             if full_B is None:
                 full_B = _local(layer.lora_B)
             sm.merge_increment_(_local(layer.weight), full_A, full_B, layer.scale, scales)
-        sm.rescale_factors_(_local(layer.lora_A), _local(layer.lora_B), scales)
-        sm.rescale_gradients_(_local(layer.lora_A.grad), _local(layer.lora_B.grad), scales)
-        with (
-            adam_moments(self.optimizer, layer.lora_A) as moments_A,
-            adam_moments(self.optimizer, layer.lora_B) as moments_B,
-        ):
-            if moments_A is not None and moments_B is not None:
-                (m_A, v_A), (m_B, v_B) = moments_A, moments_B
-                sm.rescale_adam_moments_(_local(m_A), _local(v_A), _local(m_B), _local(v_B), scales)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
