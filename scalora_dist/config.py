@@ -61,8 +61,9 @@ class ModelConfig:
     """Recompute decoder-block activations in the backward pass to save memory."""
     chunked_loss: bool = True
     """Compute the training loss through the output head a chunk of positions at a time,
-    recomputing each chunk's logits in the backward pass, so the whole (tokens x vocabulary)
-    logits never exist; same loss and gradients. false: transformers' own loss."""
+    each chunk's gradient taken as soon as its logits are, so the whole (tokens x vocabulary)
+    logits never exist and nothing is recomputed; same loss and gradients. false:
+    transformers' own loss."""
     loss_chunk_tokens: int = 0
     """Positions per chunk of the chunked loss; 0: as many as make 128 MiB of float32 logits
     (128 positions for Gemma-3's 262k vocabulary, 682 for Llama-3's 128k)."""

@@ -75,6 +75,17 @@ def test_the_mean_without_a_token_count_and_fully_masked_chunks():
     expected = torch.nn.functional.cross_entropy(logits, shifted, ignore_index=-100)
     got = chunked_causal_lm_loss(hidden.float(), weight.float(), labels, None, chunk_tokens=3)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    # with gradients (taken chunk by chunk inside the forward), against float64 autograd of
+    # the dense loss; the masked chunks' rows get exactly zero
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    dense = torch.nn.functional.cross_entropy((h @ w.T).view(-1, 30), shifted, ignore_index=-100)
+    dense.backward()
+    h32, w32 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    loss = chunked_causal_lm_loss(h32, w32, labels, None, chunk_tokens=3)
+    (2.5 * loss).backward()  # an incoming gradient other than 1 scales both
+    torch.testing.assert_close(h32.grad.double(), 2.5 * h.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w32.grad.double(), 2.5 * w.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(h32.grad[0, :5], torch.zeros_like(h32.grad[0, :5]))
 
 
 def test_a_head_with_a_bias_is_refused_with_the_key_to_turn_it_off(tiny_llama):

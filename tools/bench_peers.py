@@ -39,7 +39,7 @@ OURS = {
     "scalora-dist": [],
     # the frozen base whole on every rank (FSDP2 ignored_params), as DDP holds it: several processes only
     "scalora-dist-replicated": ["model.base_placement=replicated"],
-    # the whole logits at once (what the peers do): the chunked loss's recomputation, measured
+    # the whole logits at once (what the peers do): what the chunked loss costs or saves, measured
     "scalora-dist-plain-loss": ["model.chunked_loss=false"],
 }
 PEERS = ("peft-loop", "peft-trainer")

@@ -3,9 +3,11 @@
 transformers computes `logits = lm_head(hidden)` for every position, upcasts them to
 float32 and keeps both for the backward pass: with Gemma-3's 262k vocabulary that is ~3 GiB
 per 2,048 tokens, more than the rest of a LoRA step's activations. Here the hidden states go
-through the output head a chunk of positions at a time; each chunk's logits exist only while
-its cross-entropy sum is computed, and again, recomputed, in the backward pass
-(torch.utils.checkpoint). The loss and the gradients are those of the plain path.
+through the output head a chunk of positions at a time, and each chunk's gradient (with
+respect to the hidden states, and to the head's weight when it trains) is taken right there,
+in the forward pass, so its logits are freed before the next chunk's and the backward pass
+has nothing to recompute: it only hands the gradients on. The loss and the gradients are
+those of the plain path.
 
 The model keeps its class name and parameters: `enable_chunked_loss` swaps the class of the
 top-level model for a subclass whose forward calls the decoder (`model.model`) and this loss,
@@ -18,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from scalora_dist.config import ConfigError
@@ -45,19 +46,57 @@ def chunked_causal_lm_loss(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = shifted.reshape(-1).to(h.device)
     chunk = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    if num_items_in_batch is None:
+        divisor = (y != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        divisor = num_items_in_batch.to(h.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
+        return _ChunkedLossWithGradients.apply(h, head_weight, y, chunk, softcap, divisor)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start, h_chunk, y_chunk in _labelled_chunks(h, y, chunk):
+        total = total + _chunk_loss_sum(h_chunk, head_weight, y_chunk, softcap)
+    return total / divisor
+
+
+def _labelled_chunks(h: torch.Tensor, y: torch.Tensor, chunk: int):
+    """(start, hidden rows, labels) of each chunk with a labelled position (the others add nothing)."""
     for start in range(0, h.shape[0], chunk):
         y_chunk = y[start : start + chunk]
-        if not (y_chunk != IGNORE_INDEX).any():
-            continue  # no labelled position: contributes nothing, not even a recompute
-        total = total + checkpoint(
-            _chunk_loss_sum, h[start : start + chunk], head_weight, y_chunk, softcap, use_reentrant=False
-        )
-    if num_items_in_batch is None:
-        return total / (y != IGNORE_INDEX).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        if (y_chunk != IGNORE_INDEX).any():
+            yield start, h[start : start + chunk], y_chunk
+
+
+class _ChunkedLossWithGradients(torch.autograd.Function):
+    """The chunked loss, each chunk's backward run inside the forward (autograd on the
+    chunk's own small graph, the same operations the plain path's backward runs), so only
+    the gradients outlive a chunk. The backward multiplies them by the incoming gradient
+    (1 for `loss.backward()`, which changes nothing)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk, softcap, divisor):
+        needs_h, needs_weight = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(h) if needs_h else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start, h_chunk, y_chunk in _labelled_chunks(h, y, chunk):
+            with torch.enable_grad():
+                h_chunk = h_chunk.detach().requires_grad_(needs_h)
+                w = weight.detach().requires_grad_(needs_weight)
+                loss_sum = _chunk_loss_sum(h_chunk, w, y_chunk, softcap)
+                # the gradient of loss_sum / divisor: what the plain path's division sends back
+                grads = torch.autograd.grad(loss_sum / divisor, [t for t in (h_chunk, w) if t.requires_grad])
+            if needs_h:
+                grad_h[start : start + h_chunk.shape[0]] = grads[0]
+            if needs_weight:
+                grad_weight += grads[-1]
+            total = total + loss_sum.detach()
+        ctx.save_for_backward(grad_h, grad_weight)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = (None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return grad_h, grad_weight, None, None, None, None
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None) -> torch.Tensor:
