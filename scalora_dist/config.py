@@ -83,7 +83,7 @@ class ScaLoRAConfig:
     kappa_scope: Literal["global", "layer"] = "global"
     """With `kappa: auto`: one kappa from every layer's columns (`global`), or each layer its
     own, from its own columns (`layer`; a layer whose adapter is still zero then takes the
-    global value). Measured on the real model in the README: `global` is the default."""
+    global value). On the real model the two were the same (README, "Measured results")."""
     accumulator_rank: int = 64
     """4-bit bases only: rank R of the float32 low-rank accumulator that holds the merged
     update (requantising 4-bit codes would drop it); re-compressed to its best rank-R
