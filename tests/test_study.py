@@ -117,4 +117,4 @@ def test_real_study_headline_picks_each_methods_best_lr_by_seed_0_and_averages_i
     assert first.split(" | ")[:4] == ["| scalora", "4", "0.002, 0.004", "0.004"]
     assert "1.4500 |" in first and "| 1 | 1 | 75% / 25% / 0% |" in first
     mean, std = statistics.fmean([1.50, 1.56, 1.53]), statistics.stdev([1.50, 1.56, 1.53])
-    assert second.split(" | ")[:5] == ["| lora", "4", "0.001, 0.002", "0.002", f"{mean:.4f} ± {std:.4f}"]
+    assert second.split(" | ")[:6] == ["| lora", "4", "0.001, 0.002", "0.002", f"{mean:.4f} ± {std:.4f}", "1.5000"]

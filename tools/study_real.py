@@ -308,19 +308,20 @@ def headline(results: list[dict]) -> list[str]:
     """The report's headline table: each (method, rank) at its best lr, over the runs of the
     longest setting."""
     results = longest_setting(results)
-    lines = ["| method | r | lrs tried | best lr | held-out loss | seeds | kappa | column / scalar / skip | rank of ΔW |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | r | lrs tried | best lr | held-out loss | seed 0 | seeds | kappa | column / scalar / skip | rank of ΔW |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for (method, rank), (lr, losses) in best_rows(results).items():
         runs = [r for r in results if (r["method"], r["rank"], r["lr"]) == (method, rank, lr)]
         tried = sorted({r["lr"] for r in results if (r["method"], r["rank"], r["seed"]) == (method, rank, 0)})
         mean = statistics.fmean(losses)
+        seed0 = next(r["final_eval"] for r in runs if r["seed"] == 0)  # like with like for the one-seed rows
         spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
         kappas = [r["kappa"] for r in runs if r.get("kappa")]
         split = refactor_split({k: sum(r["refactor"][k] for r in runs) for k in ("column", "scalar", "skipped")})
         ranks = [r["mean_update_rank"] for r in runs if r.get("mean_update_rank") is not None]
         rows.append((mean, f"| {method} | {'-' if method == 'full' else rank} | {', '.join(f'{x:g}' for x in tried)} | "
-                           f"{lr:g} | {mean:.4f}{spread} | {len(losses)} | "
+                           f"{lr:g} | {mean:.4f}{spread} | {seed0:.4f} | {len(losses)} | "
                            f"{f'{statistics.fmean(kappas):.3g}' if kappas else '-'} | {split} | "
                            f"{f'{statistics.fmean(ranks):.1f}' if ranks else '-'} |"))
     return lines + [line for _, line in sorted(rows)]
