@@ -51,7 +51,9 @@ class ModelConfig:
     or 4-bit codes) across ranks like any parameter (least memory, all-gathered per block);
     `replicated` keeps them whole on every rank (FSDP2 ignored_params: no traffic for them,
     as DDP would hold a model that fits one rank) and shards only the adapters,
-    embeddings and norms. ScaLoRA and ReLoRA merge into every rank's whole copy."""
+    embeddings and norms, as one FSDP2 group: one all-gather and one reduce-scatter a step
+    (they are whole on every rank during the step). ScaLoRA and ReLoRA merge into every
+    rank's whole copy."""
     cpu_offload: bool = False
     """FSDP2 runs on GPUs (several processes): keep sharded parameters, gradients and
     optimizer state in host memory (FSDP2's CPUOffloadPolicy). Method lora only."""

@@ -1,6 +1,6 @@
 """torchrun worker: measures what ScaLoRA's refactor and a whole FSDP2 step communicate.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_comm_worker.py MODEL_DIR OUT.json
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_comm_worker.py MODEL_DIR OUT.json [KEY=VALUE ...]
 
 Rank 0 writes {"refactor": [[op, bytes], ...], "step": [[op, bytes], ...], "layers": L, "rank": r}
 where "refactor" holds the collectives issued inside one ScaLoRA refactor and "step" those of a
@@ -29,7 +29,7 @@ def main() -> None:
         f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
         "data.max_length=32", "data.packing=true", "adapter.rank=2", "adapter.alpha=4",
         "adapter.scalora.warmup_steps=1", "train.max_steps=2", "train.micro_batch_size=1",
-        "train.lr=1e-2", "output.dir=/tmp/unused",
+        "train.lr=1e-2", "output.dir=/tmp/unused", *sys.argv[3:],
     ])
     run = setup(cfg, info)
     # One plain step so lora_B is non-zero and AdamW has state, then a measured refactor step.

@@ -73,6 +73,31 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
     assert fsdp["wide"] > 2 * fsdp["narrow"]  # FSDP's own traffic grows with the width
 
 
+def test_a_replicated_base_communicates_like_ddp_one_gather_and_one_reduce_scatter_a_step(tiny_llama, tmp_path):
+    """base_placement: replicated leaves FSDP2 the adapters, norms and embeddings only, as one
+    group: a step all-gathers once and reduce-scatters once (plus the loss's and ScaLoRA's
+    all-reduces), where the sharded base pays a gather per block and a reduce-scatter per block,
+    and it moves none of the base's weights."""
+    calls = {}
+    for placement in ("sharded", "replicated"):
+        out = tmp_path / f"{placement}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(REPO / "tests/dist_comm_worker.py"), str(tiny_llama), str(out), f"model.base_placement={placement}"],
+            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        calls[placement] = json.loads(out.read_text())["step"]
+
+    def fsdp(placement: str, kind: str) -> list[int]:
+        return [b for op, b in calls[placement] if kind in op]
+
+    blocks = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert len(fsdp("replicated", "allgather")) == 1 and len(fsdp("replicated", "reduce_scatter")) == 1
+    assert len(fsdp("sharded", "allgather")) >= 2 * blocks and len(fsdp("sharded", "reduce_scatter")) >= blocks
+    assert sum(fsdp("replicated", "allgather")) < sum(fsdp("sharded", "allgather")) / 2
+
+
 def test_resume_reproduces_the_uninterrupted_run_on_the_same_and_other_rank_counts(tiny_llama, tmp_path):
     """The interrupted run keeps its base whole on every rank (base_placement: replicated):
     its checkpoints hold plain tensors where the uninterrupted run's hold shards."""

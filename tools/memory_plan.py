@@ -21,7 +21,10 @@ everything else sharded), from the shapes alone, encoding how this repository be
 * FSDP2 working set: two decoder blocks all-gathered in bf16 (current + prefetched; codes
   gathered packed), one block's unsharded float32 adapter gradients before the
   reduce-scatter, and the root group (embeddings, final norm, lm_head), which FSDP2 does
-  not reshard after the forward, so it stays whole for the whole step.
+  not reshard after the forward, so it stays whole for the whole step. With the codes
+  replicated everything FSDP2 manages is that one root group: all blocks' adapters, norms
+  and accumulators whole in bf16, and all adapter gradients in float32 before the one
+  reduce-scatter.
 * activations: micro-batch b x sequence s per rank. The bytes a decoder layer saves for the
   backward, per token, are measured on the real 12B-shaped layer (bf16 compute, our
   adapters on all 7 projections) or, with --no-measure, come from a structural count of
@@ -363,6 +366,10 @@ def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank:
         block += sum((m + n) * acc_rank for m, n in projections) * BF16
     unsharded_grads = adapter_params(shape, rank) * FP32  # reduce-scatter in float32
     root = shape.root_params() * BF16  # the root group is not resharded after the forward
+    if placement == "replicated":
+        # one FSDP2 group at the root (model/sharding.py): every block's adapters, norms (and
+        # accumulators) whole for the step, and all adapter gradients before its one reduce-scatter
+        return shape.layers * (block + unsharded_grads) + root
     return 2 * block + unsharded_grads + root
 
 
@@ -820,10 +827,12 @@ def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB,
         f"bf16 on several GPUs: the refactor's all-reduce buffer, every layer's lora_A in float64 "
         f"({g(refactor_buffer_bytes(shape, rank))} {unit_name}), exists only between the backward and the "
         "optimizer step, when the activations are freed, so it is not at the peak.",
-        f"FSDP working set: 2 decoder blocks all-gathered in bf16 (codes packed; `replicated` codes not "
-        f"gathered) + one block's float32 adapter gradients + the root group (embeddings"
-        f"{'' if shape.tied else ', lm_head'}, final norm: {g(shape.root_params() * BF16)} {unit_name}), which FSDP2 "
-        "keeps unsharded from the forward through the backward.",
+        f"FSDP working set: 2 decoder blocks all-gathered in bf16 (codes packed) + one block's float32 adapter "
+        f"gradients + the root group (embeddings{'' if shape.tied else ', lm_head'}, final norm: "
+        f"{g(shape.root_params() * BF16)} {unit_name}), which FSDP2 keeps unsharded from the forward through the "
+        "backward. `replicated` codes are never gathered, and all the rest is the one root group: every block's "
+        "adapters, norms (and accumulators) whole in bf16 and all adapter gradients in float32 before its one "
+        "reduce-scatter (one collective each way a step instead of three per block).",
         "total: the sum of the columns. Not included: the CUDA context and allocator slack, the gradient "
         "buffers of the layer being back-propagated, bitsandbytes' transiently dequantised weight (one "
         "projection at a time), and the optimizer step's transients (ScaLoRA's per-layer merge), which come "

@@ -84,7 +84,7 @@ def build_model(
     if mesh is not None:
         apply_fsdp(
             model, mesh, param_dtype=compute_dtype(dtype), cpu_offload=model_cfg.cpu_offload,
-            ignored_params=frozen_linear_weights(model) if model_cfg.base_placement == "replicated" else None,
+            replicated_weights=frozen_linear_weights(model) if model_cfg.base_placement == "replicated" else None,
         )
     model.to_empty(device="cpu" if model_cfg.cpu_offload else device)
     _tie_weights(model)

@@ -1,7 +1,12 @@
 """FSDP2 plan: which modules become FSDP2 units, how each parameter is placed, and the
 mixed-precision policy. Applied by model/build.py to a model still on the meta device.
 
-Every decoder block (the model's own `_no_split_modules`) and the root are `fully_shard`ed.
+Every decoder block (the model's own `_no_split_modules`) and the root are `fully_shard`ed:
+blocks are gathered one at a time, so no rank ever holds the whole base. With the base's
+linear weights replicated (FSDP2 ignored_params), what FSDP2 still manages is small
+(adapters, norms, embeddings), so it is one group at the root: one all-gather and one
+reduce-scatter a step, as DDP's one bucketed all-reduce, in place of two gathers and a
+reduce-scatter per block.
 W0 and lora_B split their rows (dim 0), so a rank's rows of W0 match its rows of lora_B;
 lora_A (r, n) splits its columns (dim 1), never r. 4-bit codes shard on dim 0 like any
 tensor (placement `sharded`) or stay whole on every rank as FSDP2 ignored_params
@@ -63,18 +68,21 @@ def apply_fsdp(
     *,
     param_dtype: torch.dtype | None,
     cpu_offload: bool = False,
-    ignored_params: set[nn.Parameter] | None = None,
+    replicated_weights: set[nn.Parameter] | None = None,
 ) -> None:
+    """Shard `model` over `mesh`; `replicated_weights` (base_placement: replicated) stay whole
+    on every rank as FSDP2 ignored_params, and the rest is then one group at the root."""
     kwargs = dict(
         mesh=mesh, mp_policy=mixed_precision_policy(param_dtype),
         shard_placement_fn=lora_A_on_dim1(model, mesh.size()),
     )
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    if ignored_params:
-        kwargs["ignored_params"] = ignored_params
-    for block in decoder_blocks(model):
-        fully_shard(block, **kwargs)
+    if replicated_weights:
+        kwargs["ignored_params"] = replicated_weights
+    else:
+        for block in decoder_blocks(model):
+            fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     # Losses are divided by the global token count already, so gradients must be summed
     # across ranks, not averaged. Plain SUM (gloo has no PREMUL_SUM).
