@@ -82,6 +82,7 @@ class ScaLoRA:
     ):
         self.cfg = cfg
         self.layers = layers
+        self._position = {id(layer): i for i, layer in enumerate(layers)}  # a layer's index in self.kappa
         self.optimizer = optimizer
         self.all_reduce = all_reduce
         self.lr_multiplier = lr_multiplier
@@ -168,8 +169,7 @@ class ScaLoRA:
                 report.skipped = len(self.layers)
                 return report
         if isinstance(self.kappa, list):
-            position = {id(l): i for i, l in enumerate(self.layers)}
-            kappa = [self.kappa[position[id(l)]] * self.cfg.kappa_multiplier for l in layers]
+            kappa = [self.kappa[self._position[id(l)]] * self.cfg.kappa_multiplier for l in layers]
             report.kappa = sum(kappa) / len(kappa)
         else:
             kappa = self.kappa * self.cfg.kappa_multiplier
