@@ -61,14 +61,27 @@ class ModelConfig:
     """Attention kernel. `flash_attention_2` needs the optional flash-attn package."""
     gradient_checkpointing: bool = False
     """Recompute decoder-block activations in the backward pass to save memory."""
+    offload_activations: bool = False
+    """With gradient_checkpointing: keep what the forward pass saves for the backward (with
+    checkpointing, each decoder block's input: layers x tokens x hidden x 2 bytes in bf16)
+    in host memory, pinned on a CUDA machine, and copy it back when the backward needs it
+    (torch.autograd.graph.save_on_cpu), trading host-device copies for the longest sequences
+    one GPU fits. On a CPU run it only copies (the path the tests check)."""
     chunked_loss: bool = True
     """Compute the training loss through the output head a chunk of positions at a time,
     each chunk's gradient taken as soon as its logits are, so the whole (tokens x vocabulary)
     logits never exist and nothing is recomputed; same loss and gradients. false:
     transformers' own loss."""
     loss_chunk_tokens: int = 0
-    """Positions per chunk of the chunked loss; 0: as many as make 128 MiB of float32 logits
-    (128 positions for Gemma-3's 262k vocabulary, 682 for Llama-3's 128k)."""
+    """Positions per chunk of the chunked loss (loss_kernel torch); 0: as many as make 128 MiB
+    of float32 logits (128 positions for Gemma-3's 262k vocabulary, 682 for Llama-3's 128k)."""
+    loss_kernel: Literal["auto", "torch", "liger"] = "auto"
+    """The chunked loss's kernels. `torch`: this package's chunks in PyTorch, on any device.
+    `liger`: Liger-Kernel's fused linear cross-entropy (Triton kernels that fuse the head's
+    matmul, softmax and gradient chunk by chunk; `pip install 'scalora-dist[liger]'`, CUDA;
+    on CPU only under Triton's interpreter, TRITON_INTERPRET=1, which the tests use). `auto`:
+    liger on a CUDA device when liger-kernel is installed and loss_chunk_tokens is 0, torch
+    otherwise. Both give the plain loss and gradients."""
 
 
 @dataclass
@@ -403,6 +416,22 @@ def validate(config: Config) -> None:
         raise ConfigError("model.path: required (a local transformers checkpoint directory or a hub model id)")
     if m.loss_chunk_tokens < 0:
         raise ConfigError(f"model.loss_chunk_tokens: must be >= 0 (0: automatic), got {m.loss_chunk_tokens}")
+    if m.loss_kernel == "liger" and not m.chunked_loss:
+        raise ConfigError(
+            "model.loss_kernel: liger is a kernel of the chunked loss, but model.chunked_loss is "
+            "false; set model.chunked_loss=true, or leave loss_kernel at auto"
+        )
+    if m.loss_kernel == "liger" and m.loss_chunk_tokens:
+        raise ConfigError(
+            f"model.loss_chunk_tokens: {m.loss_chunk_tokens} sets the chunks of model.loss_kernel "
+            "torch; liger chooses its own: set it to 0, or use loss_kernel torch"
+        )
+    if m.offload_activations and not m.gradient_checkpointing:
+        raise ConfigError(
+            "model.offload_activations: needs model.gradient_checkpointing=true (it offloads "
+            "the checkpointed blocks' inputs; without checkpointing it would copy every "
+            "activation to the host and back each step)"
+        )
     _positive("adapter.rank", a.rank)
     _positive("adapter.alpha", a.alpha)
     if not 0.0 <= a.dropout < 1.0:

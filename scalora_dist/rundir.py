@@ -34,6 +34,7 @@ LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
 # saved and exported; not what it trains, on what, or how.
 RESUMABLE_CHANGES = {
     "model.attn_implementation", "model.gradient_checkpointing", "model.cpu_offload",
+    "model.offload_activations", "model.loss_kernel",
     "model.base_placement", "train.micro_batch_size", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.save_every", "train.save_every_minutes", "train.keep_last",
     "train.on_nonfinite_loss",

@@ -12,6 +12,7 @@ One process runs the same code with a world of one; only rank 0 prints and write
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, 
 from torch.distributed import is_initialized as dist_is_initialized
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.model.build import build_model
+from scalora_dist.model.chunked_loss import loss_description
 from scalora_dist.model.compile import compiled_frame_count
 from scalora_dist.model.hub import model_reference, resolve_model_dir
 from scalora_dist.model.loading import load_tokenizer, model_dtype
@@ -181,7 +183,8 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.scalora is not None:
         run.scalora.prepare(step)
     loss, tokens, labelled = forward_backward(
-        run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device
+        run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device,
+        offload_activations=run.cfg.model.offload_activations,
     )
     # Checked before the refactor: a non-finite gradient would be merged into the base.
     grad_norm = total_grad_norm(run.params) if math.isfinite(loss) else float("nan")
@@ -290,7 +293,8 @@ def train(
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
             f"{trainable:,} trainable parameters, {run.total_steps} steps, "
-            f"{dist.world_size} process(es) on {run.device.type}"
+            f"{dist.world_size} process(es) on {run.device.type}, {loss_description(run.model)}"
+            + (", activations offloaded to the host" if cfg.model.offload_activations else "")
             + (f", resumed from {checkpoint} at step {start}" if checkpoint else "")
         )
         for step in range(start, run.total_steps):
@@ -448,13 +452,15 @@ def _fault(rank: int) -> int | None:
 
 
 def forward_backward(
-    model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device
+    model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device,
+    offload_activations: bool = False,
 ) -> tuple[float, int, int]:
     """Accumulate gradients over `accum_steps` micro-batches. Every rank divides its summed
     token losses by the labelled-token count of the whole global step, and FSDP2 sums the
     gradients: the result is the mean over all the step's tokens, independent of how the
     step is split into micro-batches and ranks. Returns the global loss, token count and
-    labelled-token count."""
+    labelled-token count. `offload_activations`: what the forward saves for the backward
+    waits in host memory (model.offload_activations)."""
     batches = [loader.next_batch() for _ in range(accum_steps)]
     counts = torch.tensor(count_tokens(batches), dtype=torch.float64, device=device)
     all_reduce_sum_(counts)
@@ -462,11 +468,22 @@ def forward_backward(
     num_items = torch.tensor(max(labelled, 1), device=device)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
-        out = model(**_on(model_inputs(batch), device), num_items_in_batch=num_items)
+        with saved_on_host(offload_activations):
+            out = model(**_on(model_inputs(batch), device), num_items_in_batch=num_items)
         out.loss.backward()
         loss += out.loss.detach().double()
     all_reduce_sum_(loss)
     return loss.item(), tokens, labelled
+
+
+def saved_on_host(enabled: bool) -> contextlib.AbstractContextManager:
+    """While active, tensors saved for the backward pass are copied to host memory (pinned
+    where CUDA is, so the copy back can overlap) and copied back when the backward needs
+    them. With gradient checkpointing the saved tensors are the blocks' inputs: the
+    checkpointed blocks keep nothing else, and their recomputation saves under its own hooks."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -13,9 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Liger's loss kernels (model.loss_kernel: liger) are Triton kernels. Without a GPU the tests
+# run the very same kernels on the CPU through Triton's interpreter, which reads this when
+# they are first imported (and the training processes the tests start inherit it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))  # for `from helpers import ...`
 
 from helpers import write_jsonl as _write_jsonl  # noqa: E402

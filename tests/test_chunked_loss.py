@@ -1,10 +1,14 @@
 """The chunked loss head: the loss and gradients of transformers' plain path, without the
 whole logits, on real tiny models (tied and untied heads, Gemma-3's multimodal class and its
-logit soft-capping), with packing and masked labels, in one process and on 2 FSDP2 ranks."""
+logit soft-capping), with packing and masked labels, in one process and on 2 FSDP2 ranks;
+through both kernels (ours in PyTorch, and Liger-Kernel's Triton kernels, which run here on
+the CPU through Triton's interpreter: see conftest.py)."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -12,7 +16,13 @@ from helpers import assert_ok, assert_same_weights, logged_losses, merged_weight
 from transformers import AutoModelForCausalLM
 
 from scalora_dist.config import ConfigError
-from scalora_dist.model.chunked_loss import chunked_causal_lm_loss, enable_chunked_loss
+from scalora_dist.config import load_config
+from scalora_dist.model.chunked_loss import chunked_causal_lm_loss, enable_chunked_loss, resolve_loss_kernel
+
+needs_liger = pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is None,
+    reason="liger-kernel is not installed (pip install 'scalora-dist[liger]')",
+)
 
 
 def _packed_batch(vocab: int, seed: int = 0):
@@ -39,14 +49,22 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.double().flatten() for _, g in sorted(grads.items())])
 
 
+KERNELS = ["torch", pytest.param("liger", marks=needs_liger)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("arch, softcap", [("llama", None), ("gemma3-multimodal", None), ("gemma3", 5.0)])
-def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model, arch, softcap):
+def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model, arch, softcap, kernel):
+    if kernel == "liger" and softcap and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter hands Liger's softcap kernel argument over as a Python float, "
+                    "which the kernel calls .to() on; compiled on CUDA it is a Triton scalar")
     model = AutoModelForCausalLM.from_pretrained(tiny_model(arch), dtype=torch.float32)
     if softcap:
         model.config.get_text_config().final_logit_softcapping = softcap
     model.requires_grad_(True)
     chunked = copy.deepcopy(model)
-    enable_chunked_loss(chunked, chunk_tokens=7)  # 48 positions: 7 chunks, the last one short
+    # torch: 48 positions in 7 chunks, the last one short; liger picks its own chunks
+    enable_chunked_loss(chunked, chunk_tokens=7 if kernel == "torch" else 0, kernel=kernel)
     assert type(chunked).__name__ == type(model).__name__
     batch = _packed_batch(model.config.get_text_config().vocab_size)
     plain_loss, plain_grads = _loss_and_grads(model, batch)
@@ -95,15 +113,55 @@ def test_a_head_with_a_bias_is_refused_with_the_key_to_turn_it_off(tiny_llama):
         enable_chunked_loss(model)
 
 
-def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_llama, tmp_path):
-    """2 ranks (the tied head all-gathered by FSDP2), 16-position chunks: the chunked default
-    and transformers' plain loss log the same losses and merge the same model (float32:
-    measured 4e-8 and 0 when this was written)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_llama, tmp_path, kernel):
+    """2 ranks (the tied head all-gathered by FSDP2; 16-position chunks for the torch kernel):
+    the chunked loss and transformers' plain loss log the same losses and merge the same
+    model (float32: measured 4e-8 and 0 for torch when this was written)."""
     chunked, plain = tmp_path / "chunked", tmp_path / "plain"
-    assert_ok(train_job(tiny_llama, chunked, 2, "model.loss_chunk_tokens=16"))
+    chunks = "model.loss_chunk_tokens=16" if kernel == "torch" else "model.loss_chunk_tokens=0"
+    assert_ok(train_job(tiny_llama, chunked, 2, f"model.loss_kernel={kernel}", chunks))
     assert_ok(train_job(tiny_llama, plain, 2, "model.chunked_loss=false"))
     a, b = logged_losses(chunked), logged_losses(plain)
     assert a.keys() == b.keys()
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6), step
     assert_same_weights(merged_weights(chunked), merged_weights(plain), tol=1e-6)
+
+
+@needs_liger
+def test_the_liger_kernel_in_bf16_agrees_with_the_torch_kernel(tiny_llama):
+    """bf16 compute: both kernels round the head's matmul to bf16 and take the softmax in
+    float32, so they agree to bf16 precision, not bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight.requires_grad_(True)
+    ours, liger = copy.deepcopy(model), copy.deepcopy(model)
+    enable_chunked_loss(ours, kernel="torch")
+    enable_chunked_loss(liger, kernel="liger")
+    batch = _packed_batch(model.config.vocab_size)
+    loss_a, grads_a = _loss_and_grads(ours, batch)
+    loss_b, grads_b = _loss_and_grads(liger, batch)
+    assert loss_a.dtype == loss_b.dtype == torch.float32
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-3)
+    a, b = _flat(grads_a), _flat(grads_b)
+    assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
+def test_loss_kernel_choice_and_bad_settings(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    # auto: our kernel on a CPU, whatever is installed (Liger's kernels need CUDA)
+    assert resolve_loss_kernel("auto", cpu) == "torch"
+    assert resolve_loss_kernel("torch", cpu) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"model.loss_kernel: liger (runs Triton kernels on CUDA|needs the liger-kernel)"):
+        resolve_loss_kernel("liger", cpu)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {path: m}\ndata: {train_files: [d.jsonl]}\ntrain: {max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="model.loss_kernel: liger is a kernel of the chunked loss"):
+        load_config(config, ["model.loss_kernel=liger", "model.chunked_loss=false"])
+    with pytest.raises(ConfigError, match="model.loss_chunk_tokens: 64 sets the chunks of model.loss_kernel torch"):
+        load_config(config, ["model.loss_kernel=liger", "model.loss_chunk_tokens=64"])
+    with pytest.raises(ConfigError, match="model.loss_kernel: 'triton' is not one of auto, torch, liger"):
+        load_config(config, ["model.loss_kernel=triton"])

@@ -134,16 +134,21 @@ def test_bench_peers_runs_every_contender_on_the_same_batches(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_every_check(tmp_path):
     """tools/gpu_check.py --device cpu --tiny: the GPU check's code paths, so the script a
-    lent GPU would run cannot rot. On CPU the exactness, 4-bit and attention checks pass;
-    throughput and memory run but have no GPU peak or CUDA memory to judge."""
+    lent GPU would run cannot rot. On CPU the exactness, 4-bit, attention, loss-kernel and
+    offload checks pass (the last without device memory to free); throughput and memory run
+    but have no GPU peak or CUDA memory to judge."""
+    import importlib.util
     import json
 
     out = _tool("tools/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path))
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = results["checks"]
-    assert list(checks) == ["exactness", "bitsandbytes", "attention", "throughput", "memory"], out[-2000:]
-    for name in ("exactness", "bitsandbytes", "attention"):
+    assert list(checks) == ["exactness", "bitsandbytes", "attention", "throughput", "memory", "loss_kernels",
+                            "offload"], out[-2000:]
+    for name in ("exactness", "bitsandbytes", "attention", "loss_kernels", "offload"):
         assert checks[name]["passed"] is True, (name, checks[name])
+    if importlib.util.find_spec("liger_kernel"):  # run through Triton's interpreter here (conftest.py)
+        assert checks["loss_kernels"]["liger"]["grad_rel_gap"] < 2e-2
     assert checks["exactness"]["fsdp2"] and checks["exactness"]["refactors"] >= 4
     for variant in ("lora", "scalora", "scalora-I10", "full"):
         assert checks["throughput"][variant]["tokens_per_s"] > 0

@@ -20,6 +20,12 @@ Checks, in order (each prints as it goes; the results land in OUT/gpu_check.json
 5. memory: Gemma-3-12B's widths and vocabulary, 4-bit, ScaLoRA r 16 as the single-GPU recipe,
    1 and 2 blocks: peak CUDA memory against tools/memory_plan.py for the same blocks, and
    both extrapolated to 48 blocks.
+6. loss_kernels: Gemma-3's loss head (hidden 640, vocabulary 262,144, 2048 bf16 tokens):
+   transformers' plain loss, our chunked kernel and Liger's fused kernel (when liger-kernel
+   imports): peak CUDA memory, time, and the loss and hidden-state gradient against plain.
+7. offload: the 8B-shaped Llama of check 4, LoRA r 16, gradient checkpointing, one sequence
+   of --offload-seq-len tokens, model.offload_activations off and on: peak CUDA memory (the
+   plan says (blocks - 2) x tokens x hidden x 2 bytes less), step time, the same losses.
 
 The checks' sizes have knobs; before each check the script compares its estimate with the
 time left (--budget-s) and skips, saying so, what would not fit.
@@ -414,6 +420,118 @@ def check_memory(ctx: Context) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# 6. loss kernels
+
+
+def _head_loss(kernel: str, h, weight, labels, n):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from scalora_dist.model.chunked_loss import chunked_causal_lm_loss, liger_causal_lm_loss
+
+    if kernel == "plain":
+        return ForCausalLMLoss(h @ weight.T, labels, weight.shape[0], num_items_in_batch=n)
+    if kernel == "liger":
+        return liger_causal_lm_loss(h, weight, labels, n)
+    return chunked_causal_lm_loss(h, weight, labels, n)
+
+
+def check_loss_kernels(ctx: Context) -> dict:
+    import importlib.util
+    import statistics
+
+    import torch
+
+    hidden, vocab, tokens = (64, 2048, 64) if ctx.tiny else (640, 262144, 2048)
+    g = torch.Generator(device=ctx.device).manual_seed(0)
+    h0 = torch.randn(1, tokens, hidden, device=ctx.device, dtype=torch.bfloat16, generator=g)
+    weight = (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16, generator=g) / hidden**0.5)
+    labels = torch.randint(0, vocab, (1, tokens), device=ctx.device, generator=g)
+    labels[:, : tokens // 8] = -100  # a prompt
+    n = (labels[:, 1:] != -100).sum()
+    kernels = ["plain", "torch"]
+    liger_runs = importlib.util.find_spec("liger_kernel") and (ctx.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    if liger_runs:
+        kernels.append("liger")
+    out: dict = {"head": f"hidden {hidden}, vocab {vocab}, {tokens} bf16 tokens"}
+    grads = {}
+    for kernel in kernels:
+        times, peak = [], None
+        for _ in range(1 if ctx.tiny else 3):
+            h = h0.clone().requires_grad_()
+            if ctx.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            started = time.perf_counter()
+            loss = _head_loss(kernel, h, weight, labels, n)
+            loss.backward()
+            if ctx.device == "cuda":
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            times.append(time.perf_counter() - started)
+        grads[kernel] = h.grad.float()
+        out[kernel] = {"loss": loss.item(), "seconds": statistics.median(times), "peak_mib": peak}
+    for kernel in kernels[1:]:
+        ref = grads["plain"]
+        out[kernel]["loss_rel_gap"] = abs(out[kernel]["loss"] / out["plain"]["loss"] - 1)
+        out[kernel]["grad_rel_gap"] = ((grads[kernel] - ref).norm() / ref.norm()).item()
+    out["liger"] = out.get("liger", "liger-kernel not installed or no CUDA: not run")
+    out["passed"] = all(out[k]["loss_rel_gap"] < 1e-3 and out[k]["grad_rel_gap"] < 2e-2 for k in kernels[1:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 7. activation offload
+
+
+def check_offload(ctx: Context) -> dict:
+    import statistics
+
+    import torch
+
+    from scalora_dist.config import load_config
+    from scalora_dist.train import setup, train_step
+
+    layers = ctx.args.llama_layers
+    model = shaped_model(ctx, f"llama8b-shape-{layers}", llama_8b_shape(ctx, layers))
+    seq_len = 64 if ctx.tiny else ctx.args.offload_seq_len
+    rows = {}
+    for offload in (False, True):
+        overrides = [f"model.path={model}", "model.dtype=bfloat16", "model.gradient_checkpointing=true",
+                     f"model.offload_activations={str(offload).lower()}", "adapter.method=lora", "adapter.rank=16",
+                     "adapter.alpha=32", f"data.train_files=[{data_file(ctx)}]", f"data.max_length={seq_len}",
+                     "data.packing=true", "train.micro_batch_size=1", "train.max_steps=3",
+                     f"output.dir={ctx.work / f'offload-{offload}'}"]
+        if ctx.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        run = setup(load_config(None, overrides))
+        losses, times = [], []
+        for step in range(3):
+            started = time.perf_counter()
+            losses.append(train_step(run, step).loss)
+            times.append(time.perf_counter() - started)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None
+        del run
+        rows[offload] = {"peak_gib": peak, "step_s": statistics.median(times[1:]), "losses": losses}
+    hidden = llama_8b_shape(ctx, layers).hidden_size
+    planned_saving = max(0, layers - 2) * seq_len * hidden * 2 / 2**30
+    # the host copies are exact; on CUDA, attention's backward kernels may add in another order
+    tol = 1e-3 if ctx.device == "cuda" else 0.0
+    gap = max(abs(a / b - 1) for a, b in zip(rows[True]["losses"], rows[False]["losses"]))
+    out: dict = {"model": f"Llama-3-8B widths, {layers} blocks, {seq_len} tokens", "off": rows[False],
+                 "on": rows[True], "planned_saving_gib": planned_saving,
+                 "step_time_ratio": rows[True]["step_s"] / rows[False]["step_s"], "loss_rel_gap": gap}
+    out["passed"] = gap <= tol
+    if ctx.device == "cuda":
+        out["measured_saving_gib"] = rows[False]["peak_gib"] - rows[True]["peak_gib"]
+        out["passed"] = out["passed"] and out["measured_saving_gib"] >= 0.8 * planned_saving
+    else:
+        out["note"] = "no CUDA device: the host copies are checked, not the device memory they free"
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Driver
 
 CHECKS = {  # name: (function, estimated seconds on an H200, tiny CPU estimate)
@@ -422,6 +540,8 @@ CHECKS = {  # name: (function, estimated seconds on an H200, tiny CPU estimate)
     "attention": (check_attention, 20, 10),
     "throughput": (check_throughput, 180, 60),
     "memory": (check_memory, 120, 40),
+    "loss_kernels": (check_loss_kernels, 20, 15),
+    "offload": (check_offload, 90, 30),
 }
 
 
@@ -460,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-layers", type=int, default=4, help="blocks of the 8B-shaped model (throughput)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per micro-batch (throughput, memory)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (throughput)")
+    p.add_argument("--offload-seq-len", type=int, default=8192, help="tokens of the offload check's sequence")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 peak (default: known GPUs)")
     p.add_argument("--worker", choices=["exactness", "fsdp4bit"], help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)

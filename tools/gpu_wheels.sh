@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine's image lacks for tools/gpu_check.py (see the README's GPU section):
-# bitsandbytes, and datasets with the two of its needs the image does not hold (dill,
-# multiprocess; it holds pandas, pyarrow, xxhash, fsspec). 44 MB, one device call's 64 MiB:
+# bitsandbytes, liger-kernel (the fused loss of check 6), and datasets with the two of its
+# needs the image does not hold (dill, multiprocess; it holds pandas, pyarrow, xxhash, fsspec).
+# 45 MB, one device call's 64 MiB:
 #
 #   bash tools/gpu_wheels.sh                   # here, once: fills .whl/ (git-ignored)
 #   device run, carry [.whl]:
@@ -24,5 +25,6 @@ if [ "${1:-}" = pyarrow ]; then
   du -sh .whl-pyarrow
   exit
 fi
-python3 -m pip download -q "${PLATFORM[@]}" -d .whl "bitsandbytes>=0.45" "datasets>=3.0" "dill<0.4.2,>=0.3.0" "multiprocess<0.70.20"
+python3 -m pip download -q "${PLATFORM[@]}" -d .whl "bitsandbytes>=0.45" "datasets>=3.0" "dill<0.4.2,>=0.3.0" "multiprocess<0.70.20" \
+  "liger-kernel>=0.6"  # check 6's fused loss; its Triton comes with the image's CUDA torch
 du -sh .whl

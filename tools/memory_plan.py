@@ -264,6 +264,7 @@ class Activations:
     loss_head: float  # logits / log-softmax peak
     rope: float  # cos / sin tables, shared by all layers
     peak: float
+    host: float = 0.0  # model.offload_activations: the boundaries, in host memory instead
 
 
 def loss_head_peak(shape: Shape, tokens: int, chunked: bool) -> float:
@@ -275,20 +276,25 @@ def loss_head_peak(shape: Shape, tokens: int, chunked: bool) -> float:
 
 
 def activations(shape: Shape, layer: LayerActivations, b: int, s: int, checkpointing: bool,
-                chunked_loss: bool = True) -> Activations:
+                chunked_loss: bool = True, offload: bool = False) -> Activations:
     """With checkpointing, the loss head peaks at the start of the backward, before any layer
     is recomputed; afterwards (plain loss) only the bf16 logits stay while one layer at a time
     is recomputed, or (chunked) nothing of the head. Without checkpointing, every layer's
-    activations are alive at the loss."""
+    activations are alive at the loss. `offload` (model.offload_activations, with
+    checkpointing): the layer-input boundaries wait in host memory; the device holds at most
+    two of them (the one being computed or copied, and the one copied back for the layer
+    being recomputed)."""
     tokens = b * s
     rope = shape.rope_types() * 2 * tokens * shape.head_dim * FP32
     loss_peak = loss_head_peak(shape, tokens, chunked_loss)
     if checkpointing:
-        boundaries = shape.layers * tokens * shape.hidden * BF16
+        boundary = tokens * shape.hidden * BF16
+        boundaries = min(2, shape.layers) * boundary if offload else shape.layers * boundary
         one_layer = layer.saved(b, s)
         kept_logits = 0.0 if chunked_loss else BF16 * tokens * shape.vocab
         peak = boundaries + rope + max(loss_peak, kept_logits + one_layer)
-        return Activations(boundaries, one_layer, loss_peak, rope, peak)
+        return Activations(boundaries, one_layer, loss_peak, rope, peak,
+                           host=shape.layers * boundary if offload else 0.0)
     layers = shape.layers * layer.saved(b, s)
     return Activations(0.0, layers, loss_peak, rope, layers + rope + loss_peak)
 
@@ -375,10 +381,10 @@ def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank:
 
 def plan(shape: Shape, rank: int = 16, acc_rank: int = 64, micro_batch: int = 1, seq_len: int = 2048,
          optimizer: str = "adamw", checkpointing: bool = True, layer: LayerActivations | None = None,
-         gpu_counts: Sequence[int] = (1, 8, 64), chunked_loss: bool = True) -> list[PlanRow]:
+         gpu_counts: Sequence[int] = (1, 8, 64), chunked_loss: bool = True, offload: bool = False) -> list[PlanRow]:
     """Per-rank bytes for base {bf16, nf4} x method {lora, scalora} x gpu_counts."""
     layer = layer or formula_layer_activations(shape, rank)
-    act = activations(shape, layer, micro_batch, seq_len, checkpointing, chunked_loss).peak
+    act = activations(shape, layer, micro_batch, seq_len, checkpointing, chunked_loss, offload).peak
     sizes = adapter_tensor_sizes(shape, rank) * shape.layers
     n_adapter = sum(sizes)
     rows = []
@@ -422,6 +428,7 @@ class LayerMeasurement:
     activations: LayerActivations | None = None
     loss_head_saved_per_token: float = 0.0
     scalora_extra_saved: float = 0.0
+    checkpointed_saved_per_token: float = 0.0
     seconds: float = 0.0
 
 
@@ -524,6 +531,36 @@ def saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
     return float(sum(seen.values()))
 
 
+def checkpointed_saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
+    """Bytes autograd keeps outside the recomputed blocks when every layer is checkpointed
+    as in training (torch.utils.checkpoint, non-reentrant): what model.offload_activations
+    moves to the host. Parameters and the shared rotary tables left out, as in saved_bytes."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(b, s, stack.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    rope = stack.position_embeddings(x)
+    skip = {t.untyped_storage().data_ptr() for t in stack.parameters()}
+    skip |= {t.untyped_storage().data_ptr() for pair in rope.values() for t in pair}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    y = x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for i, layer in enumerate(stack.layers):
+            kind = stack.config.layer_types[i] if stack.arch == "gemma3" else None
+            y = checkpoint(layer, y, position_embeddings=rope[kind], use_reentrant=False)
+    # Counted in the forward, which is when the hooks run; y's graph keeps every saved
+    # tensor alive until here, so no address was reused. (No backward: it would only
+    # recompute the layers.)
+    del y
+    return float(sum(seen.values()))
+
+
 def fit_activations(saved: dict[int, float], b: int) -> LayerActivations:
     """Exact fit of constant + a*(b s) + c*(b s s) through the measured lengths (a line
     through two; with one length, all of it per token)."""
@@ -600,6 +637,8 @@ def measure_lora_stack(shape: Shape, rank: int, optimizer: str, layers: int, b: 
         for p in trainable:
             p.grad = None  # each length's backward starts without gradients
         saved[s] = saved_bytes(stack, b, s) / layers
+    s_min = min(lengths)
+    checkpointed = checkpointed_saved_bytes(stack, b, s_min) / (layers * b * s_min)
     opt = make_optimizer(optimizer, trainable)
     opt.step()
     return LayerMeasurement(
@@ -611,6 +650,7 @@ def measure_lora_stack(shape: Shape, rank: int, optimizer: str, layers: int, b: 
         optimizer_bytes=optimizer_state_bytes(opt) / layers,
         saved_by_length=saved,
         activations=fit_activations(saved, b),
+        checkpointed_saved_per_token=checkpointed,
     )
 
 
@@ -677,6 +717,8 @@ def measured_table(shape: Shape, rank: int, optimizer: str, m: LayerMeasurement)
         ("saved for backward, per token x token (s x s attention)", formula.per_token_sq,
          m.activations.per_token_sq),
         ("loss head saved for backward, per token (float32 log-softmax)", loss_saved, m.loss_head_saved_per_token),
+        ("kept with checkpointing, per token (the bf16 layer input: what model.offload_activations moves "
+         "to the host)", shape.hidden * BF16, m.checkpointed_saved_per_token),
         ("ScaLoRA, bf16 model, one process: saved beyond LoRA (frozen_linear keeps the float32 masters, "
          "no bf16 copies)", 0.0, m.scalora_extra_saved),
     ]
@@ -714,6 +756,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="keep every layer's activations (default: gradient checkpointing per layer)")
     p.add_argument("--plain-loss", dest="chunked_loss", action="store_false",
                    help="transformers' loss over the whole logits (default: the chunked loss, model.chunked_loss)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="the layer-input boundaries in host memory (model.offload_activations; needs checkpointing)")
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                    help="measure real decoder layers on CPU (default on)")
     p.add_argument("--layers-measured", type=int, default=1, help="real decoder layers to build")
@@ -725,6 +769,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.offload_activations and not args.checkpointing:
+        raise SystemExit("--offload-activations offloads the checkpointed layers' inputs: drop --no-checkpointing")
     shape = SHAPES[args.shape]
     shape = tiny_shape(shape.arch) if args.tiny else shape
     print(f"<!-- {datetime.date.today()} · {machine()} · torch {torch.__version__} · "
@@ -737,14 +783,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                            args.measure_seq_lens)
     layer = measured.activations if measured else formula_layer_activations(shape, args.rank)
     rows = plan(shape, args.rank, args.accumulator_rank, args.micro_batch, args.seq_len, args.optimizer,
-                args.checkpointing, layer, chunked_loss=args.chunked_loss)
-    act = activations(shape, layer, args.micro_batch, args.seq_len, args.checkpointing, args.chunked_loss)
+                args.checkpointing, layer, chunked_loss=args.chunked_loss, offload=args.offload_activations)
+    act = activations(shape, layer, args.micro_batch, args.seq_len, args.checkpointing, args.chunked_loss,
+                      args.offload_activations)
 
     unit, unit_name = unit_for(rows)
     print(f"## Memory plan per rank ({unit_name}, computed): {describe(shape)}")
     print()
     print(f"r = {args.rank}, R = {args.accumulator_rank}, b = {args.micro_batch}, s = {args.seq_len}, "
-          f"optimizer {args.optimizer}, gradient checkpointing {'on' if args.checkpointing else 'off'}; "
+          f"optimizer {args.optimizer}, gradient checkpointing {'on' if args.checkpointing else 'off'}"
+          f"{', activations offloaded to the host' if args.offload_activations else ''}; "
           f"adapters on {', '.join(PROJECTIONS)} of every layer; per-layer activations: {layer.source}"
           + (" (CPU, bf16 compute)" if measured else " (formula_layer_activations)"))
     print()
@@ -778,11 +826,13 @@ CARD_RESERVE = 1.0 * GiB  # CUDA context, kernels and allocator slack, which the
 
 
 def longest_sequence(shape: Shape, base: str, method: str, card_bytes: float, rank: int = 16,
-                     acc_rank: int = 64, optimizer: str = "adamw", chunked_loss: bool = True) -> int:
+                     acc_rank: int = 64, optimizer: str = "adamw", chunked_loss: bool = True,
+                     offload: bool = False) -> int:
     """The longest s (a multiple of 256) whose one-GPU total, b = 1 with checkpointing, fits in
     `card_bytes` less CARD_RESERVE; 0 if not even 256 tokens fit."""
     def fits(s: int) -> bool:
-        rows = plan(shape, rank, acc_rank, 1, s, optimizer, True, gpu_counts=(1,), chunked_loss=chunked_loss)
+        rows = plan(shape, rank, acc_rank, 1, s, optimizer, True, gpu_counts=(1,), chunked_loss=chunked_loss,
+                    offload=offload)
         row = next(r for r in rows if r.base == base and r.method == method)
         return row.total <= card_bytes - CARD_RESERVE
 
@@ -795,12 +845,18 @@ def longest_sequence(shape: Shape, base: str, method: str, card_bytes: float, ra
 
 def fits_table(shape: Shape, rank: int, acc_rank: int, optimizer: str, chunked_loss: bool) -> str:
     body = []
-    for method in ("lora", "scalora"):
-        cells = [f"{longest_sequence(shape, 'nf4', method, gb * 1e9, rank, acc_rank, optimizer, chunked_loss):,}"
-                 for gb in CARDS_GB]
-        body.append([f"nf4 {method}", *cells])
+    for offload in (False, True):
+        for method in ("lora", "scalora"):
+            cells = []
+            for gb in CARDS_GB:
+                s = longest_sequence(shape, "nf4", method, gb * 1e9, rank, acc_rank, optimizer, chunked_loss, offload)
+                host = shape.layers * s * shape.hidden * BF16 if offload else 0.0
+                cells.append(f"{s:,}" + (f" ({host / GiB:.1f} GiB on the host)" if offload else ""))
+            body.append([f"nf4 {method}" + (", activations offloaded" if offload else ""), *cells])
     return markdown_table(["4-bit base", *(f"{gb} GB card" for gb in CARDS_GB)], body) + (
-        f"\n\nTokens per sequence; the card less {CARD_RESERVE / GiB:.0f} GiB for the CUDA context and allocator slack.")
+        f"\n\nTokens per sequence; the card less {CARD_RESERVE / GiB:.0f} GiB for the CUDA context and allocator "
+        "slack. `activations offloaded`: model.offload_activations, the layer-input boundaries in pinned host "
+        "memory (the amount in brackets), two of them on the device at a time.")
 
 
 def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB, unit_name: str = "GiB",
@@ -811,7 +867,9 @@ def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB,
     parts = [
         f"Activations (same for every row: data parallel, each rank runs its own micro-batch) = "
         f"{g(act.peak)} {unit_name} at the peak: "
-        + (f"layer-input boundaries {g(act.boundaries)} + rotary tables {g(act.rope)} + the larger of the "
+        + (f"layer-input boundaries {g(act.boundaries)}"
+           + (f" (two on the device; all {shape.layers}, {g(act.host)} {unit_name}, in host memory)" if act.host else "")
+           + f" + rotary tables {g(act.rope)} + the larger of the "
            f"loss-head peak {g(act.loss_head)} and ({'' if chunked_loss else 'bf16 logits + '}one recomputed layer "
            f"{g(act.layers)})" if checkpointing else
            f"all layers {g(act.layers)} + rotary tables {g(act.rope)} + loss-head peak {g(act.loss_head)}")

@@ -23,7 +23,7 @@ from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig
 from scalora_dist.model.loading import (
     load_checkpoint_weights, local_block, local_offsets, model_dtype,
 )
-from scalora_dist.model.chunked_loss import enable_chunked_loss
+from scalora_dist.model.chunked_loss import enable_chunked_loss, resolve_loss_kernel
 from scalora_dist.model.compile import compile_decoder_blocks
 from scalora_dist.model.lora import find_target_linears, initial_lora_A, inject_adapters, lora_layers
 from scalora_dist.model.quant import quantize_linears_, require_bitsandbytes
@@ -78,7 +78,8 @@ def build_model(
     else:
         model.requires_grad_(False)
     if model_cfg.chunked_loss:
-        enable_chunked_loss(model, model_cfg.loss_chunk_tokens)
+        kernel = resolve_loss_kernel(model_cfg.loss_kernel, device, model_cfg.loss_chunk_tokens)
+        enable_chunked_loss(model, model_cfg.loss_chunk_tokens, kernel)
     if compile:
         compile_decoder_blocks(model)
     if mesh is not None:
