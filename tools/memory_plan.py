@@ -510,33 +510,10 @@ def build_measured_stack(shape: Shape, layers: int) -> tuple[DecoderStack, float
     return stack.to(torch.bfloat16), nf4
 
 
-def saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
-    """Bytes of the distinct storages autograd saves for the backward in one forward of b x s
-    tokens (bf16), leaving out parameters and the shared rotary tables; then the backward."""
-    x = torch.randn(b, s, stack.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    rope = stack.position_embeddings(x)
-    skip = {t.untyped_storage().data_ptr() for t in stack.parameters()}
-    skip |= {t.untyped_storage().data_ptr() for pair in rope.values() for t in pair}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t  # kept alive by autograd until the backward, so no address is reused
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = stack(x, rope)
-    y.backward(torch.randn_like(y))
-    return float(sum(seen.values()))
-
-
-def checkpointed_saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
-    """Bytes autograd keeps outside the recomputed blocks when every layer is checkpointed
-    as in training (torch.utils.checkpoint, non-reentrant): what model.offload_activations
-    moves to the host. Parameters and the shared rotary tables left out, as in saved_bytes."""
-    from torch.utils.checkpoint import checkpoint
-
+def _stack_inputs(stack: DecoderStack, b: int, s: int):
+    """b x s bf16 hidden states, their rotary tables, and a pack hook with the dict it fills:
+    the bytes of each distinct storage autograd saves, parameters and the shared rotary tables
+    left out (saved tensors stay alive until the backward, so no address is reused)."""
     x = torch.randn(b, s, stack.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     rope = stack.position_embeddings(x)
     skip = {t.untyped_storage().data_ptr() for t in stack.parameters()}
@@ -549,14 +526,33 @@ def checkpointed_saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
             seen[ptr] = t.untyped_storage().nbytes()
         return t
 
+    return x, rope, pack, seen
+
+
+def saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
+    """Bytes of the distinct storages autograd saves for the backward in one forward of b x s
+    tokens (bf16), leaving out parameters and the shared rotary tables; then the backward."""
+    x, rope, pack, seen = _stack_inputs(stack, b, s)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = stack(x, rope)
+    y.backward(torch.randn_like(y))
+    return float(sum(seen.values()))
+
+
+def checkpointed_saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
+    """Bytes autograd keeps outside the recomputed blocks when every layer is checkpointed
+    as in training (torch.utils.checkpoint, non-reentrant): what model.offload_activations
+    moves to the host. Parameters and the shared rotary tables left out, as in saved_bytes."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, rope, pack, seen = _stack_inputs(stack, b, s)
     y = x
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for i, layer in enumerate(stack.layers):
             kind = stack.config.layer_types[i] if stack.arch == "gemma3" else None
             y = checkpoint(layer, y, position_embeddings=rope[kind], use_reentrant=False)
-    # Counted in the forward, which is when the hooks run; y's graph keeps every saved
-    # tensor alive until here, so no address was reused. (No backward: it would only
-    # recompute the layers.)
+    # Counted in the forward, which is when the hooks run (no backward: it would only
+    # recompute the layers).
     del y
     return float(sum(seen.values()))
 
