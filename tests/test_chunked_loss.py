@@ -15,8 +15,7 @@ import torch
 from helpers import assert_ok, assert_same_weights, logged_losses, merged_weights, train_job
 from transformers import AutoModelForCausalLM
 
-from scalora_dist.config import ConfigError
-from scalora_dist.config import load_config
+from scalora_dist.config import ConfigError, load_config
 from scalora_dist.model.chunked_loss import chunked_causal_lm_loss, enable_chunked_loss, resolve_loss_kernel
 
 needs_liger = pytest.mark.skipif(

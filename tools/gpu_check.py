@@ -374,12 +374,32 @@ def check_throughput(ctx: Context) -> dict:
 # 5. memory
 
 
-def check_memory(ctx: Context) -> dict:
+def _train(ctx: Context, overrides: list[str], steps: int) -> dict:
+    """`steps` training steps of the run `overrides` describe, in this process: its peak CUDA
+    memory (GiB; None on CPU), its losses, and the median time of the steps after the first."""
+    import statistics
+
     import torch
 
-    import memory_plan
     from scalora_dist.config import load_config
     from scalora_dist.train import setup, train_step
+
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run = setup(load_config(None, overrides))
+    losses, times = [], []
+    for step in range(steps):
+        started = time.perf_counter()
+        losses.append(train_step(run, step).loss)
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None
+    del run
+    return {"peak_gib": peak, "step_s": statistics.median(times[1:] or times), "losses": losses}
+
+
+def check_memory(ctx: Context) -> dict:
+    import memory_plan
 
     rows = {}
     for layers in (1, 2):
@@ -391,14 +411,7 @@ def check_memory(ctx: Context) -> dict:
                      f"data.train_files=[{data_file(ctx)}]", f"data.max_length={ctx.args.seq_len}", "data.packing=true",
                      "train.micro_batch_size=1", "train.max_steps=3", "train.optimizer=adamw",
                      f"output.dir={ctx.work / 'mem'}"]
-        if ctx.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        run = setup(load_config(None, overrides))
-        for step in range(3):
-            train_step(run, step)
-        measured = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None
-        del run
+        measured = _train(ctx, overrides, steps=3)["peak_gib"]
         shape = memory_plan.SHAPES["gemma3-12b"]
         if ctx.tiny:
             shape = memory_plan.Shape("tiny-gemma3", "gemma3", layers, 64, 256, 4, 2, 16, 2048, True)
@@ -436,10 +449,12 @@ def _head_loss(kernel: str, h, weight, labels, n):
 
 
 def check_loss_kernels(ctx: Context) -> dict:
-    import importlib.util
     import statistics
 
     import torch
+
+    from scalora_dist.config import ConfigError
+    from scalora_dist.model.chunked_loss import resolve_loss_kernel
 
     hidden, vocab, tokens = (64, 2048, 64) if ctx.tiny else (640, 262144, 2048)
     g = torch.Generator(device=ctx.device).manual_seed(0)
@@ -449,9 +464,10 @@ def check_loss_kernels(ctx: Context) -> dict:
     labels[:, : tokens // 8] = -100  # a prompt
     n = (labels[:, 1:] != -100).sum()
     kernels = ["plain", "torch"]
-    liger_runs = importlib.util.find_spec("liger_kernel") and (ctx.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
-    if liger_runs:
-        kernels.append("liger")
+    try:  # the run's own rule: installed, and on CUDA (or under Triton's interpreter)
+        kernels.append(resolve_loss_kernel("liger", torch.device(ctx.device)))
+    except ConfigError:
+        pass
     out: dict = {"head": f"hidden {hidden}, vocab {vocab}, {tokens} bf16 tokens"}
     grads = {}
     for kernel in kernels:
@@ -485,13 +501,6 @@ def check_loss_kernels(ctx: Context) -> dict:
 
 
 def check_offload(ctx: Context) -> dict:
-    import statistics
-
-    import torch
-
-    from scalora_dist.config import load_config
-    from scalora_dist.train import setup, train_step
-
     layers = ctx.args.llama_layers
     model = shaped_model(ctx, f"llama8b-shape-{layers}", llama_8b_shape(ctx, layers))
     seq_len = 64 if ctx.tiny else ctx.args.offload_seq_len
@@ -502,18 +511,7 @@ def check_offload(ctx: Context) -> dict:
                      "adapter.alpha=32", f"data.train_files=[{data_file(ctx)}]", f"data.max_length={seq_len}",
                      "data.packing=true", "train.micro_batch_size=1", "train.max_steps=3",
                      f"output.dir={ctx.work / f'offload-{offload}'}"]
-        if ctx.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        run = setup(load_config(None, overrides))
-        losses, times = [], []
-        for step in range(3):
-            started = time.perf_counter()
-            losses.append(train_step(run, step).loss)
-            times.append(time.perf_counter() - started)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device == "cuda" else None
-        del run
-        rows[offload] = {"peak_gib": peak, "step_s": statistics.median(times[1:]), "losses": losses}
+        rows[offload] = _train(ctx, overrides, steps=3)
     hidden = llama_8b_shape(ctx, layers).hidden_size
     planned_saving = max(0, layers - 2) * seq_len * hidden * 2 / 2**30
     # the host copies are exact; on CUDA, attention's backward kernels may add in another order

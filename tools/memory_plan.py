@@ -476,10 +476,17 @@ class DecoderStack(nn.Module):
                     for t in set(self.config.layer_types)}
         return {None: tuple(e.to(x.dtype) for e in self.rotary(x, positions))}
 
-    def forward(self, x: torch.Tensor, rope: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: dict, checkpointed: bool = False) -> torch.Tensor:
+        """`checkpointed`: each layer under torch.utils.checkpoint (non-reentrant), as training
+        with model.gradient_checkpointing runs it."""
+        from torch.utils.checkpoint import checkpoint
+
         for i, layer in enumerate(self.layers):
             kind = self.config.layer_types[i] if self.arch == "gemma3" else None
-            x = layer(x, position_embeddings=rope[kind])
+            if checkpointed:
+                x = checkpoint(layer, x, position_embeddings=rope[kind], use_reentrant=False)
+            else:
+                x = layer(x, position_embeddings=rope[kind])
         return x
 
 
@@ -543,14 +550,9 @@ def checkpointed_saved_bytes(stack: DecoderStack, b: int, s: int) -> float:
     """Bytes autograd keeps outside the recomputed blocks when every layer is checkpointed
     as in training (torch.utils.checkpoint, non-reentrant): what model.offload_activations
     moves to the host. Parameters and the shared rotary tables left out, as in saved_bytes."""
-    from torch.utils.checkpoint import checkpoint
-
     x, rope, pack, seen = _stack_inputs(stack, b, s)
-    y = x
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for i, layer in enumerate(stack.layers):
-            kind = stack.config.layer_types[i] if stack.arch == "gemma3" else None
-            y = checkpoint(layer, y, position_embeddings=rope[kind], use_reentrant=False)
+        y = stack(x, rope, checkpointed=True)
     # Counted in the forward, which is when the hooks run (no backward: it would only
     # recompute the layers).
     del y
@@ -846,7 +848,7 @@ def fits_table(shape: Shape, rank: int, acc_rank: int, optimizer: str, chunked_l
             cells = []
             for gb in CARDS_GB:
                 s = longest_sequence(shape, "nf4", method, gb * 1e9, rank, acc_rank, optimizer, chunked_loss, offload)
-                host = shape.layers * s * shape.hidden * BF16 if offload else 0.0
+                host = activations(shape, formula_layer_activations(shape, rank), 1, s, True, chunked_loss, offload).host
                 cells.append(f"{s:,}" + (f" ({host / GiB:.1f} GiB on the host)" if offload else ""))
             body.append([f"nf4 {method}" + (", activations offloaded" if offload else ""), *cells])
     return markdown_table(["4-bit base", *(f"{gb} GB card" for gb in CARDS_GB)], body) + (
