@@ -4,8 +4,10 @@
 
 takes exactly torchrun's arguments and runs `torch.distributed.run.run` with them, but
 reports a failed job the way a user can read: instead of torchrun's ChildFailedError
-traceback (~45 lines) it prints the first failing rank's error once, with its rank, and
-exits with that worker's exit code (2: a bad config or data, 1: a failed run, 130: Ctrl-C).
+traceback (~45 lines) it prints the failing rank's error once, with its rank, and exits with
+that worker's exit code (2: a bad config or data, 1: a failed run, 130: Ctrl-C; 128 + N for a
+rank killed by signal N). Of several failed ranks it reports the cause, not the ranks that
+only lost their connection to it.
 Workers record their error for it in the error file torchrun gives each of them
 (`record_worker_error`), and print nothing themselves when there is one.
 """
@@ -38,14 +40,58 @@ def record_worker_error(message: str, exit_code: int) -> bool:
     return True
 
 
-def _when(failure) -> tuple[int, float]:
-    """Sort key of a failure: first the workers that recorded an error of their own (the
-    others were stopped because of it, by the agent), then by time (ours to the ms)."""
+PEER_LOST = (
+    "Connection reset by peer", "Connection closed by peer", "Broken pipe",  # gloo
+    "remote process exited", "NCCL communicator was aborted",  # NCCL
+)
+"""What a rank's collective raises when another rank's process is gone: never the cause."""
+
+SIGNAL_HINTS = {
+    "SIGKILL": "sent from outside the process, most often by the kernel's out-of-memory killer: see dmesg",
+    "SIGSEGV": "the process crashed in native code",
+    "SIGABRT": "the process aborted in native code",
+    "SIGBUS": "the process crashed in native code",
+}
+
+
+def _recorded(failure) -> dict:
+    """The extraInfo of the error a worker recorded itself, {} when it recorded none."""
     info = failure.error_file_data.get("message", {})
-    info = info.get("extraInfo", {}) if isinstance(info, dict) else {}
+    return info.get("extraInfo", {}) if isinstance(info, dict) else {}
+
+
+def _message(failure) -> str:
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return message or ""
+
+
+def _cause_order(failure) -> tuple[int, float]:
+    """Sort key of a failure, the likely cause first: errors the workers recorded themselves,
+    then deaths by a signal (a rank killed by the out-of-memory killer records nothing), then
+    errors that only say a peer went away (the consequence of the others), each by time."""
+    info = _recorded(failure)
     if "timestamp_ms" in info:
-        return 0, float(info["timestamp_ms"])
+        lost_peer = any(marker in _message(failure) for marker in PEER_LOST)
+        return (2 if lost_peer else 0), float(info["timestamp_ms"])
     return (1 if failure.exitcode < 0 else 0), float(failure.timestamp * 1000)
+
+
+def first_failure(failures: dict) -> tuple[int, str, int]:
+    """(rank, one-line message, exit code) of the failure to report from torchrun's
+    ChildFailedError.failures ({global rank: ProcessFailure})."""
+    rank, failure = min(failures.items(), key=lambda item: (_cause_order(item[1]), item[0]))
+    code = failure.exitcode
+    if code < 0:
+        name = failure.signal_name()
+        hint = SIGNAL_HINTS.get(name)
+        message = f"killed by signal {name}" + (f" ({hint})" if hint else "")
+        return rank, message, 128 - code
+    message = _message(failure)
+    if not message or message.startswith("To enable traceback") or not _recorded(failure):
+        message = f"exited with code {code}"
+    return rank, message, code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,16 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda item: (_when(item[1]), item[0]))
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", "")
-        if not message or message.startswith("To enable traceback"):
-            message = (f"exited with code {failure.exitcode}" if failure.exitcode >= 0
-                       else f"killed by signal {failure.signal_name()}")
+        rank, message, code = first_failure(e.failures)
         print(f"[rank{rank}] error: {message}", file=sys.stderr, flush=True)
-        code = failure.exitcode
-        return code if code > 0 else 128 - code
+        return code
     except SignalException as e:
         return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 - the agent's own failures (a rendezvous timeout, ...)

@@ -275,6 +275,51 @@ def test_failing_rank_ends_the_job(tmp_path):
     print(f"failing job ended in {took:.1f} s")
 
 
+def test_a_killed_rank_is_reported_not_the_rank_that_lost_it(tmp_path):
+    """Rank 1 is SIGKILLed (as by the out-of-memory killer) and records nothing; rank 0 then
+    fails in its collective and records gloo's lost-peer error. The job's one error line names
+    rank 1 and its signal, and the exit code is 128 + 9."""
+    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/launch_worker_killed.py")]
+    res = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from scalora_dist.launch import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
+         *cmd],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90,
+    )
+    errors = [line for line in res.stderr.splitlines() if " error: " in line]
+    assert errors == ["[rank1] error: killed by signal SIGKILL (sent from outside the process, most "
+                      "often by the kernel's out-of-memory killer: see dmesg)"], res.stderr
+    assert res.returncode == 128 + signal.SIGKILL
+
+
+def test_the_reported_failure_is_the_cause(tmp_path, monkeypatch):
+    """Of several failed ranks (each a torchrun ProcessFailure read from its error file), the
+    report names a rank's own error first, then a rank killed by a signal, and an error that
+    only says a peer went away last; among equals the earliest."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from scalora_dist.agent import ERROR_FILE_ENV, first_failure, record_worker_error
+
+    def failed(rank: int, exitcode: int, message: str | None = None) -> ProcessFailure:
+        path = tmp_path / f"error-{len(list(tmp_path.iterdir()))}.json"  # a fresh file each time
+        if message is not None:
+            monkeypatch.setenv(ERROR_FILE_ENV, str(path))
+            assert record_worker_error(message, exitcode)
+            time.sleep(0.01)  # the errors' order in time is the order they are written
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+
+    lost = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:24767: Connection reset by peer"
+    assert first_failure({0: failed(0, 1, lost), 1: failed(1, -9)}) == (
+        1, "killed by signal SIGKILL (sent from outside the process, most often by the "
+           "kernel's out-of-memory killer: see dmesg)", 137)
+    assert first_failure({0: failed(0, 1, lost), 1: failed(1, -11), 2: failed(2, 2, "unknown key 'train.nope'")}) == (
+        2, "unknown key 'train.nope'", 2)
+    assert first_failure({3: failed(3, 1, "RuntimeError: first"), 2: failed(2, 1, "RuntimeError: second")}) == (
+        3, "RuntimeError: first", 1)
+    assert first_failure({1: failed(1, 1, lost)}) == (1, lost, 1)
+    assert first_failure({0: failed(0, 3)}) == (0, "exited with code 3", 3)
+
+
 def test_workers_ignoring_signals_are_killed(tmp_path):
     """Ranks that ignore SIGINT/SIGTERM (stuck in native code, say) are SIGKILLed once the
     launcher's grace period after Ctrl-C is over: the launcher never leaves them behind."""
