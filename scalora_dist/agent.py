@@ -120,4 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The workers are gone and the report is printed: skip the interpreter's teardown of torch.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -275,7 +275,11 @@ def _launch(
         err_console.print("[bold red]interrupted[/bold red]: all ranks stopped", highlight=False)
     elif code == 0 and read_marker(run_dir) is not None:
         code = EXIT_REQUEUE  # stopped on a signal after its checkpoint: run again to continue
-    raise typer.Exit(code)
+    # The workers wrote everything; this process only checked and launched. Leave without the
+    # interpreter's teardown of torch, transformers and datasets (over a second per job).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optional[str],

@@ -113,22 +113,31 @@ def test_a_head_with_a_bias_is_refused_with_the_key_to_turn_it_off(tiny_llama):
 
 
 def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_llama, tmp_path):
-    """2 ranks (the tied head all-gathered by FSDP2): the chunked loss through each kernel
-    (16-position chunks for ours) and transformers' plain loss log the same losses and merge
-    the same model (float32: measured 4e-8 and 0 for ours when this was written)."""
+    """2 ranks (the tied head all-gathered by FSDP2), checkpointed blocks: the chunked loss
+    through each kernel (16-position chunks for ours) and transformers' plain loss log the same
+    losses and merge the same model (float32: measured 4e-8 and 0 for ours when this was
+    written). With the blocks' saved inputs offloaded to host copies (model.offload_activations)
+    our kernel's run is the same bit for bit."""
+    checkpointed = "model.gradient_checkpointing=true"
     plain = tmp_path / "plain"
-    assert_ok(train_job(tiny_llama, plain, 2, "model.chunked_loss=false"))
+    assert_ok(train_job(tiny_llama, plain, 2, checkpointed, "model.chunked_loss=false"))
     kernels = {"torch": "model.loss_chunk_tokens=16"}
     if importlib.util.find_spec("liger_kernel"):
         kernels["liger"] = "model.loss_chunk_tokens=0"
     for kernel, chunks in kernels.items():
         chunked = tmp_path / kernel
-        assert_ok(train_job(tiny_llama, chunked, 2, f"model.loss_kernel={kernel}", chunks))
+        assert_ok(train_job(tiny_llama, chunked, 2, checkpointed, f"model.loss_kernel={kernel}", chunks))
         a, b = logged_losses(chunked), logged_losses(plain)
         assert a.keys() == b.keys()
         for step in a:
             assert a[step] == pytest.approx(b[step], rel=1e-6), (kernel, step)
         assert_same_weights(merged_weights(chunked), merged_weights(plain), tol=1e-6)
+    offloaded = tmp_path / "torch-offloaded"
+    assert_ok(train_job(tiny_llama, offloaded, 2, checkpointed, "model.offload_activations=true",
+                        "model.loss_kernel=torch", kernels["torch"]))
+    assert logged_losses(offloaded) == logged_losses(tmp_path / "torch")
+    a, b = merged_weights(offloaded), merged_weights(tmp_path / "torch")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @needs_liger

@@ -91,21 +91,22 @@ def test_every_refactor_keeps_the_function_on_the_float32_masters(name, tiny_lla
 
 
 @pytest.mark.slow
-def test_one_two_and_four_ranks_in_bf16_train_the_same_float32_masters(tiny_llama, tmp_path):
+def test_one_and_two_ranks_in_bf16_train_the_same_float32_masters(tiny_llama, tmp_path):
     """bf16 compute over float32 masters. With the same micro-batch shapes (1 x 4 accumulated,
-    2 ranks x 2, 4 ranks x 1) every bf16 operation sees the same bf16 casts of the same
-    masters, so what remains between world sizes is the order of float32 sums (the
-    reduce-scatter, the accumulation): the float32 tolerance of tests/test_distributed.py
-    applies (2e-5 relative per tensor; measured: 0). The merge with bf16-rounded lora_A
-    this replaced missed by 4e-4 on the same run. Also 2 ranks with the base whole on every
-    rank (base_placement: replicated), whose merges take lora_B's float32 rows from the
-    refactor's all-reduce (measured: 0)."""
+    2 ranks x 2) every bf16 operation sees the same bf16 casts of the same masters, so what
+    remains between world sizes is the order of float32 sums (the reduce-scatter, the
+    accumulation): the float32 tolerance of tests/test_distributed.py applies (2e-5 relative
+    per tensor; measured: 0, and 0 on 4 ranks x 1 when that ran here too; float32 runs on 4
+    ranks are in tests/test_distributed.py). The merge with bf16-rounded lora_A this replaced
+    missed by 4e-4 on the same run. Also 2 ranks with the base whole on every rank
+    (base_placement: replicated), whose merges take lora_B's float32 rows from the refactor's
+    all-reduce (measured: 0)."""
     runs = {}
-    for name, n, extra in ((1, 1, ()), (2, 2, ()), (4, 4, ()), ("2-replicated", 2, ("model.base_placement=replicated",))):
+    for name, n, extra in ((1, 1, ()), (2, 2, ()), ("2-replicated", 2, ("model.base_placement=replicated",))):
         assert_ok(train_job(tiny_llama, tmp_path / f"w{name}", n, "model.dtype=bfloat16",
                             "train.micro_batch_size=1", f"train.grad_accum_steps={4 // n}", *extra))
         runs[name] = effective_masters(tmp_path / f"w{name}/checkpoints/step-00000006")
-    for name in (2, 4, "2-replicated"):
+    for name in (2, "2-replicated"):
         assert_same_weights(runs[1], runs[name], tol=SAME_MODEL_TOL)
         for step, loss in logged_losses(tmp_path / "w1").items():
             assert logged_losses(tmp_path / f"w{name}")[step] == pytest.approx(loss, rel=1e-5)
