@@ -217,7 +217,22 @@ def train(
     threads, why = choose_threads()
     if not quiet:
         console.print(f"{threads} CPU thread(s) for this process ({why})", style="dim", highlight=False)
-    _run_training(cfg, quiet, resume, rank=0, prefix="", **flags)
+    code = 0
+    try:
+        _run_training(cfg, quiet, resume, rank=0, prefix="", **flags)
+    except typer.Exit as e:
+        code = e.exit_code
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Exit now, without the interpreter's teardown: the run has written and closed all it
+    keeps (metrics, checkpoints, exports, the wandb run), and unloading torch, transformers
+    and datasets takes over a second; in a torchrun worker, gloo's threads have also aborted
+    finished workers during that teardown ("terminate called without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _preflight(cfg: cfgmod.Config, options, resume: Optional[str], flags: dict) -> None:
@@ -275,11 +290,7 @@ def _launch(
         err_console.print("[bold red]interrupted[/bold red]: all ranks stopped", highlight=False)
     elif code == 0 and read_marker(run_dir) is not None:
         code = EXIT_REQUEUE  # stopped on a signal after its checkpoint: run again to continue
-    # The workers wrote everything; this process only checked and launched. Leave without the
-    # interpreter's teardown of torch, transformers and datasets (over a second per job).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _leave(code)  # the workers wrote everything; this process only checked and launched
 
 
 def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optional[str],
@@ -302,12 +313,7 @@ def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optio
                       overwrite=overwrite, force_resume=force_resume, extend=extend)
     except typer.Exit as e:
         code = e.exit_code
-    # Everything is written and the process group is gone: leave without the interpreter's
-    # teardown, where gloo's threads have aborted finished workers ("terminate called
-    # without an active exception", exit -6) now and then.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _leave(code)  # the process group is gone too
 
 
 def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: int, prefix: str,
@@ -741,5 +747,16 @@ def make_tiny_model(
     console.print(f"wrote a tiny {arch} model to {path}", highlight=False)
 
 
+def main() -> None:
+    """The `scalora-dist` command: every subcommand writes and closes what it keeps before it
+    returns, so the process leaves without the interpreter's teardown (see _leave)."""
+    try:
+        app()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        _leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+
+
 if __name__ == "__main__":
-    app()
+    main()
