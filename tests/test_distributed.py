@@ -105,10 +105,13 @@ def test_resume_reproduces_the_uninterrupted_run_on_the_same_and_other_rank_coun
     assert_ok(train_job(tiny_llama, tmp_path / "full", 2, *steps))
     steps.append("model.base_placement=replicated")
 
-    # A rank that raises ends the whole job, with its error shown, instead of hanging.
+    # A rank that raises ends the whole job instead of hanging; the launcher reports its error
+    # once, in one line with its rank, and exits 1 (a failed run).
     crashed = train_job(tiny_llama, tmp_path / "crash", 2, *steps, env={"SCALORA_DIST_FAULT": "1:6"}, timeout=240)
-    assert crashed.returncode != 0
-    assert "injected failure at step 6 on rank 1" in crashed.stderr
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert crashed.stderr.count("error:") == 1
+    assert "[rank1] error: RuntimeError: SCALORA_DIST_FAULT: injected failure at step 6 on rank 1" in crashed.stderr
+    assert "Traceback" not in crashed.stderr and "ChildFailedError" not in crashed.stderr
     ckpts = sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir())
     assert ckpts == ["step-00000004"]
 
