@@ -22,6 +22,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # they are first imported (and the training processes the tests start inherit it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Two pytest-xdist workers share the machine's cores: each computes in one thread, as the
+# training processes the tests start do (OMP_NUM_THREADS=1), instead of two threads each
+# fighting for the same two cores (choose_threads in scalora_dist/distributed.py explains why).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # for `from helpers import ...`
 
 from helpers import write_jsonl as _write_jsonl  # noqa: E402
