@@ -33,7 +33,7 @@ def test_real_model_study_text_task_reports_accuracy_and_update_ranks(smollm2, t
     cmd = [sys.executable, "tools/study_real.py", "--task", "austen", "--quick", "--update-ranks",
            "--parse-prompts", "1", "--accuracy-rows", "4", "--model", str(smollm2),
            "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # beside the other worker
     assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))
     lora, scalora = json.loads((tmp_path / "out/study_real_austen_quick.json").read_text())
     assert (lora["method"], scalora["method"]) == ("lora", "scalora")
