@@ -58,7 +58,7 @@ METHODS = {
 }
 
 
-TASKS = {"stdlib": "chat", "austen": "text"}  # task -> data.format
+TASKS = {"stdlib": "chat", "austen": "text", "facts": "instruction"}  # task -> data.format
 
 
 def task_files(work_dir: Path, task: str = "stdlib") -> tuple[Path, Path]:
@@ -68,6 +68,10 @@ def task_files(work_dir: Path, task: str = "stdlib") -> tuple[Path, Path]:
             from stdlib_task import write
 
             write(out, max_chars=400, eval_fraction=0.15)
+        elif task == "facts":
+            import facts_task
+
+            facts_task.write(out)
         else:
             import austen_task
 
@@ -112,6 +116,24 @@ def generations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int) -> 
             parses = False
         samples.append({"prompt": prompt, "answer": answer, "reference": reference, "parses": parses})
     return sum(s["parses"] for s in samples) / max(1, len(samples)), samples
+
+
+def answers(run_dir: Path, eval_file: Path, n: int) -> tuple[float, list[dict]]:
+    """Facts task: the share of the first `n` held-out questions whose greedy answer is the
+    fact exactly, and the answers themselves."""
+    from scalora_dist.inference import Sampling, generate, load_model, prompt_ids
+
+    loaded = load_model(str(run_dir / "merged"), device="cpu")
+    tok = loaded.tokenizer
+    rows = [json.loads(l) for l in eval_file.read_text().splitlines()[:n]]
+    samples = []
+    for row in rows:
+        ids = prompt_ids(tok, row["prompt"], chat=False)  # as data.format=instruction trains: BOS, the prompt
+        new = generate(loaded.model, tok, ids, Sampling(max_new_tokens=12))
+        answer = tok.decode(new, skip_special_tokens=True).strip()
+        samples.append({"prompt": row["prompt"], "answer": answer, "reference": row["response"].strip(),
+                        "correct": answer == row["response"].strip()})
+    return sum(s["correct"] for s in samples) / max(1, len(samples)), samples
 
 
 def continuations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, accuracy_rows: int) -> tuple[float, list[dict]]:
@@ -166,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     a("--quick", action="store_true", help="lora and scalora, 4 steps: the code path only")
     args = ap.parse_args(argv)
     # generated tokens per held-out prompt: enough to see a function / a sentence
-    args.new_tokens = {"stdlib": 160, "austen": 40}[args.task]
+    args.new_tokens = {"stdlib": 160, "austen": 40, "facts": 12}[args.task]
     if args.quick:  # the code path in CI: one packed row of 64 tokens a step, short answers
         args.methods, args.steps, args.eval_every, args.eval_batches = "lora,scalora", 4, 4, 1
         args.lr_warmup, args.scalora_warmup, args.batch_size, args.max_length = 1, 2, 1, 64
@@ -186,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                     name = f"{method}_r{rank}-lr{lr:g}-s{seed}"
                     run_dir = run_cached(args, name, overrides_for(args, args.model, files, method, rank, lr, seed), print)
                     summary = summarize_run(run_dir, base_weights)
-                    if args.task == "austen":
+                    if args.task == "facts" and args.parse_prompts:
+                        summary["accuracy"], summary["samples"] = answers(run_dir, files[1], args.parse_prompts)
+                    elif args.task == "austen":
                         summary["accuracy"], summary["samples"] = continuations(
                             run_dir, files[1], args.parse_prompts, args.new_tokens, args.accuracy_rows)
                     elif args.parse_prompts:
@@ -218,6 +242,7 @@ def merged_results(path: Path, new: list[dict]) -> list[dict]:
 
 
 TITLES = {"stdlib": "stdlib docstring -> function (chat, loss on the answers)",
+          "facts": "facts about made-up people, asked back in an unseen phrasing (Q/A, loss on the answers)",
           "austen": "Jane Austen's prose (text; Persuasion held out)"}
 
 
@@ -226,7 +251,7 @@ def write_report(args, results: list[dict], wall: float) -> None:
     name = "study_real" + ("" if args.task == "stdlib" else f"_{args.task}") + ("_quick" if args.quick else "")
     results = merged_results(args.out_dir / f"{name}.json", results)
     (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))
-    metric = "next-token accuracy" if args.task == "austen" else "parses"
+    metric = {"austen": "next-token accuracy", "facts": "exact answers"}.get(args.task, "parses")
     lines = [
         f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, {TITLES[args.task]}",
         "", f"Rows accumulate over invocations (each run is cached); the last one: `python tools/study_real.py "
