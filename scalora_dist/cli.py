@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scalora_dist.stopping import install_early
+from scalora_dist.run.stopping import install_early
 
 install_early()  # before the heavy imports: a SIGUSR1 then is a stop request, not death
 
@@ -102,8 +102,8 @@ LAUNCH_PANEL = "Multi-process launch (torchrun)"
 
 def _train_fail(message: str, code: int, prefix: str) -> None:
     """Report a failed run once: a torchrun worker leaves the message to the agent
-    (scalora_dist.agent prints the first failing rank's), anything else prints it."""
-    from scalora_dist.agent import record_worker_error
+    (scalora_dist.launch.agent prints the first failing rank's), anything else prints it."""
+    from scalora_dist.launch.agent import record_worker_error
 
     if not (prefix and record_worker_error(message, code)):
         err_console.print(f"{escape(prefix)}[bold red]error:[/bold red] {escape(message)}", highlight=False)
@@ -175,7 +175,7 @@ def train(
     ),
 ) -> None:
     from scalora_dist.distributed import launched_by_torchrun
-    from scalora_dist.launch import LaunchError, LaunchOptions
+    from scalora_dist.launch.torchrun import LaunchError, LaunchOptions
 
     if launched_by_torchrun():
         # A worker of a torchrun job: train here, never launch again (the launcher passes no
@@ -200,7 +200,7 @@ def train(
     cfg = _load(config, overrides)  # config errors show once, here, before any worker starts
     flags = dict(overwrite=overwrite, force_resume=force_resume, extend=extend)
     if options.needs_torchrun():
-        from scalora_dist.stopping import install_handlers
+        from scalora_dist.run.stopping import install_handlers
 
         install_handlers()  # a stop asked for before the workers start: start none
         if not dry_run:
@@ -211,7 +211,7 @@ def train(
         console.print("in-process", highlight=False)
         return
     from scalora_dist.distributed import choose_threads
-    from scalora_dist.stopping import install_handlers
+    from scalora_dist.run.stopping import install_handlers
 
     install_handlers()  # SIGUSR1 / SIGTERM: checkpoint at the next step, then stop
     threads, why = choose_threads()
@@ -240,10 +240,10 @@ def _preflight(cfg: cfgmod.Config, options, resume: Optional[str], flags: dict) 
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
-    from scalora_dist.checkpoint import CheckpointError
+    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
     from scalora_dist.optim import check_optimizer
-    from scalora_dist.preflight import preflight
+    from scalora_dist.launch.preflight import preflight
 
     low, high = options.node_range()
     worlds = sorted({options.nproc_per_node * low, options.nproc_per_node * high})
@@ -261,7 +261,7 @@ def _launch(
     config: Path, overrides: list[str], options, quiet: bool, resume: Optional[str], dry_run: bool,
     flags: dict,
 ) -> None:
-    from scalora_dist.launch import format_command, run_torchrun, torchrun_command
+    from scalora_dist.launch.torchrun import format_command, run_torchrun, torchrun_command
 
     extra = (["--quiet"] if quiet else []) + (["--resume", resume] if resume is not None else [])
     extra += [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
@@ -275,9 +275,9 @@ def _launch(
         f"{escape(format_command(cmd))}",
         highlight=False, style="dim", soft_wrap=True,
     )
-    from scalora_dist.stopping import EXIT_REQUEUE, clear_marker, read_marker
+    from scalora_dist.run.stopping import EXIT_REQUEUE, clear_marker, read_marker
 
-    from scalora_dist.stopping import requested, write_marker
+    from scalora_dist.run.stopping import requested, write_marker
 
     run_dir = Path(cfgmod.load_config(config, overrides).output.dir)
     clear_marker(run_dir)
@@ -285,7 +285,7 @@ def _launch(
         write_marker(run_dir, -1, requested(), None)
         err_console.print(f"stopped on {requested()} before the workers started; nothing was lost", highlight=False)
         raise typer.Exit(EXIT_REQUEUE)
-    code = run_torchrun(cmd)  # a failing rank's error is printed once, by scalora_dist.agent
+    code = run_torchrun(cmd)  # a failing rank's error is printed once, by scalora_dist.launch.agent
     if code == 130:
         err_console.print("[bold red]interrupted[/bold red]: all ranks stopped", highlight=False)
     elif code == 0 and read_marker(run_dir) is not None:
@@ -295,7 +295,7 @@ def _launch(
 
 def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optional[str],
                   overwrite: bool, force_resume: bool, extend: bool) -> None:
-    from scalora_dist.stopping import install_handlers
+    from scalora_dist.run.stopping import install_handlers
 
     install_handlers()  # SIGUSR1 / SIGTERM: checkpoint at the next step, then stop
     rank = int(os.environ.get("RANK", 0))
@@ -321,7 +321,7 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
-    from scalora_dist.checkpoint import CheckpointError
+    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
     from scalora_dist.distributed import destroy_distributed
     from scalora_dist.train import TrainingError, train as run_training
@@ -354,12 +354,12 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
         return
     if result.stopped_at is not None:
         if not prefix:  # one process: say so with the exit code; a job's launcher reads the marker
-            from scalora_dist.stopping import EXIT_REQUEUE
+            from scalora_dist.run.stopping import EXIT_REQUEUE
 
             raise typer.Exit(EXIT_REQUEUE)
         return
     if result.nothing_to_do:
-        from scalora_dist.rundir import Start, nothing_to_do_message
+        from scalora_dist.run.rundir import Start, nothing_to_do_message
 
         console.print(nothing_to_do_message(Start(result.checkpoint, {"step": result.first_step}), result.steps),
                       highlight=False)
@@ -377,41 +377,6 @@ first node, --resume auto so restarts and requeues continue from the newest chec
 The config is checked first. #SBATCH lines hold literal values. With --dry-run the script
 is printed, not written or submitted; with --no-submit it is written but not submitted.
 """)
-
-
-def default_signal_margin(run_dir: Path, time_limit: Optional[str]) -> int:
-    """measured_signal_margin, but at most half the time limit and at least MIN_WARNING_LEAD_S
-    before it (the warning must leave the job time to start and work)."""
-    from scalora_dist.slurm import MIN_WARNING_LEAD_S, time_limit_seconds
-
-    limit = time_limit_seconds(time_limit)
-    margin = measured_signal_margin(run_dir)
-    return max(1, min(margin, limit // 2, limit - MIN_WARNING_LEAD_S)) if limit else margin
-
-
-def measured_signal_margin(run_dir: Path) -> int:
-    """3 x (the slowest step + the slowest checkpoint save) recorded in run_dir, plus 60 s of
-    slack for the exit; 300 s when nothing has been measured there yet."""
-    import json as _json
-
-    from scalora_dist.slurm import DEFAULT_SIGNAL_MARGIN_S
-
-    saves = []
-    for marker in (run_dir / "checkpoints").glob("step-*/COMPLETE"):
-        try:
-            saves.append(float(_json.loads(marker.read_text()).get("save_seconds", 0)))
-        except (OSError, ValueError):
-            pass
-    steps = []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                steps.append(float(_json.loads(line).get("step_time_s", 0)))
-            except ValueError:
-                pass
-    if not saves or not steps:
-        return DEFAULT_SIGNAL_MARGIN_S
-    return int(3 * (max(saves) + max(steps)) + 60)
 
 
 @app.command("slurm", help=SLURM_HELP)
@@ -450,7 +415,7 @@ def slurm(
     import subprocess
     import sys
 
-    from scalora_dist.slurm import SbatchOptions, SlurmError, parse_job_id, render_sbatch
+    from scalora_dist.launch.slurm import SbatchOptions, SlurmError, default_signal_margin, parse_job_id, render_sbatch
 
     cfg = _load(config, overrides)
     run_dir = Path(cfg.output.dir)
@@ -507,7 +472,7 @@ def config_show(
 def config_keys() -> None:
     """List every config key with its type (or choices), default and meaning. Paths in a
     config (model.path, data files, output.dir) are resolved against the working directory."""
-    rows = [(key, type_name(key), repr(default), doc) for key, default, doc in iter_keys(cfgmod.Config)]
+    rows = [(key, cfgmod.type_name(key), repr(default), doc) for key, default, doc in cfgmod.iter_keys(cfgmod.Config)]
     if console.is_terminal:
         table = Table("key", "type", "default", "meaning", show_lines=False)
         for row in rows:
@@ -519,51 +484,13 @@ def config_keys() -> None:
     console.print("The method behind the adapter keys: docs/method.md in the repository.", highlight=False)
 
 
-def iter_keys(cls: type, prefix: str = ""):
-    docs = cfgmod.field_docs(cls)
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(instance, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from iter_keys(type(value), f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value, docs.get(f.name, "")
-
-
-def type_name(key: str) -> str:
-    """The type of a dotted config key as a user writes it: int, list of str, one of a|b, ..."""
-    import typing
-
-    cls = cfgmod.Config
-    *sections, name = key.split(".")
-    for section in sections:
-        cls = typing.get_type_hints(cls)[section]
-    return _describe(typing.get_type_hints(cls)[name])
-
-
-def _describe(hint) -> str:
-    import types
-    import typing
-
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return "one of " + " | ".join(map(str, typing.get_args(hint)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
-    if origin is list:
-        return f"list of {_describe(typing.get_args(hint)[0])}"
-    if dataclasses.is_dataclass(hint):
-        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
-    return getattr(hint, "__name__", str(hint))
-
-
 MODEL_HELP = ("A merged checkpoint directory, a run directory (its merged/), a base model with --adapter, "
               "or a hub id.")
 
 
 def _inference_errors(fn):
     """Run fn, turning our errors into one message and exit code 2."""
-    from scalora_dist.checkpoint import CheckpointError
+    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
 
     try:
@@ -681,7 +608,7 @@ def export_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the run's)."),
 ) -> None:
     """Write a merged transformers checkpoint (and, for LoRA runs, the PEFT adapter) from any checkpoint of a run: offline, in this one process, whatever the number of ranks that wrote it."""
-    from scalora_dist.export import export_checkpoint, export_checkpoint_adapter
+    from scalora_dist.run.export import export_checkpoint, export_checkpoint_adapter
     from scalora_dist.metrics import quiet_libraries
     from scalora_dist.model.loading import DTYPES
 

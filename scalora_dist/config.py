@@ -556,3 +556,41 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def iter_keys(cls: type, prefix: str = ""):
+    docs = field_docs(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_keys(type(value), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, docs.get(f.name, "")
+
+
+def type_name(key: str) -> str:
+    """The type of a dotted config key as a user writes it: int, list of str, one of a|b, ..."""
+    import typing
+
+    cls = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return _describe(typing.get_type_hints(cls)[name])
+
+
+def _describe(hint) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + " | ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
+    return getattr(hint, "__name__", str(hint))

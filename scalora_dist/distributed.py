@@ -129,6 +129,14 @@ def setup_logging(rank: int, prefix: bool = True) -> None:
     log.propagate = False
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters, gradients, optimizer state); any
+    other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

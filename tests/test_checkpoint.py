@@ -1,5 +1,5 @@
 """Distributed checkpoints and the merged export: single process, and real FSDP2 jobs (gloo,
-2 and 3 processes, tiny llama) started through tests/dist_checkpoint_worker.py."""
+2 and 3 processes, tiny llama) started through tests/workers/dist_checkpoint_worker.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.multiprocessing.spawn import ProcessException
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 import dist_checkpoint_worker as w
-from scalora_dist.checkpoint import (
+from scalora_dist.run.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -22,7 +22,7 @@ from scalora_dist.checkpoint import (
     save_checkpoint,
 )
 from scalora_dist.config import AdapterConfig
-from scalora_dist.export import export_merged
+from scalora_dist.run.export import export_merged
 from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap
 
 

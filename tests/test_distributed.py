@@ -59,7 +59,7 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
         out = tmp_path / f"{name}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(REPO / "tests/dist_comm_worker.py"), str(model_dir), str(out)],
+             str(REPO / "tests/workers/dist_comm_worker.py"), str(model_dir), str(out)],
             cwd=REPO, capture_output=True, text=True, timeout=300,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
@@ -83,7 +83,7 @@ def test_a_replicated_base_communicates_like_ddp_one_gather_and_one_reduce_scatt
         out = tmp_path / f"{placement}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(REPO / "tests/dist_comm_worker.py"), str(tiny_llama), str(out), f"model.base_placement={placement}"],
+             str(REPO / "tests/workers/dist_comm_worker.py"), str(tiny_llama), str(out), f"model.base_placement={placement}"],
             cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert proc.returncode == 0, proc.stderr[-4000:]

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scalora_dist.cli import app
-from scalora_dist.launch import (
+from scalora_dist.launch.torchrun import (
     JOB_ID_VARIABLES,
     LaunchError,
     LaunchOptions,
@@ -257,11 +257,11 @@ def test_ctrl_c_stops_all_ranks(tiny_llama, tmp_path):
 
 def test_failing_rank_ends_the_job(tmp_path):
     """Rank 1 raises while rank 0 waits in a barrier: the job ends non-zero, with the error."""
-    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/launch_worker_fail.py")]
+    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_fail.py")]
     started = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from scalora_dist.launch import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
+         "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
          *cmd],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90,
     )
@@ -279,10 +279,10 @@ def test_a_killed_rank_is_reported_not_the_rank_that_lost_it(tmp_path):
     """Rank 1 is SIGKILLed (as by the out-of-memory killer) and records nothing; rank 0 then
     fails in its collective and records gloo's lost-peer error. The job's one error line names
     rank 1 and its signal, and the exit code is 128 + 9."""
-    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/launch_worker_killed.py")]
+    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_killed.py")]
     res = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from scalora_dist.launch import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
+         "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
          *cmd],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90,
     )
@@ -298,7 +298,7 @@ def test_the_reported_failure_is_the_cause(tmp_path, monkeypatch):
     only says a peer went away last; among equals the earliest."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from scalora_dist.agent import ERROR_FILE_ENV, first_failure, record_worker_error
+    from scalora_dist.launch.agent import ERROR_FILE_ENV, first_failure, record_worker_error
 
     def failed(rank: int, exitcode: int, message: str | None = None) -> ProcessFailure:
         path = tmp_path / f"error-{len(list(tmp_path.iterdir()))}.json"  # a fresh file each time
@@ -323,12 +323,12 @@ def test_the_reported_failure_is_the_cause(tmp_path, monkeypatch):
 def test_workers_ignoring_signals_are_killed(tmp_path):
     """Ranks that ignore SIGINT/SIGTERM (stuck in native code, say) are SIGKILLed once the
     launcher's grace period after Ctrl-C is over: the launcher never leaves them behind."""
-    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/launch_worker_stubborn.py")]
+    cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_stubborn.py")]
     err_path = tmp_path / "stderr.txt"
     with err_path.open("w") as err:
         launcher = subprocess.Popen(
             [sys.executable, "-c",
-             "import sys; from scalora_dist.launch import run_torchrun; "
+             "import sys; from scalora_dist.launch.torchrun import run_torchrun; "
              "sys.exit(run_torchrun(sys.argv[1:], escalate_after_s=2))", *cmd],
             cwd=REPO, env=_env(), stdout=err, stderr=err, start_new_session=True,
         )

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from scalora_dist.config import AdapterConfig, ConfigError, ScaLoRAConfig
 from scalora_dist.model.lora import add_lora, find_target_linears, frozen_linear, inject_adapters, lora_layers
-from scalora_dist.scalora import math as sm
+from scalora_dist.scalora import scaling as sm
 from scalora_dist.scalora.refactor import ScaLoRA
 
 

@@ -1,4 +1,4 @@
-"""tools/memory_plan.py: the computed per-rank plan against real tiny layers, its sharding
+"""tools/generators/memory_plan.py: the computed per-rank plan against real tiny layers, its sharding
 arithmetic, and the script end to end (seconds, CPU)."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 pytest.importorskip("bitsandbytes")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 import memory_plan as mp  # noqa: E402
 
@@ -119,7 +118,7 @@ def test_replicated_codes_stay_whole_and_sharded_codes_do_not():
 
 def test_gemma3_12b_totals_agree_with_the_readme_figures():
     # README "4-bit frozen bases": a Gemma-3-12B-shaped decoder is 20.0 GiB bf16, 5.2 GiB NF4,
-    # +0.98 GiB for R = 64 accumulators (tools/bench_quant.py); the embedding is 262144 x 3840.
+    # +0.98 GiB for R = 64 accumulators (tools/benchmarks/bench_quant.py); the embedding is 262144 x 3840.
     rows = _rows()
     embedding = 262144 * 3840 * 2 / GiB
     assert rows[("bf16", "lora", 1, "-")].frozen_base / GiB - embedding == pytest.approx(20.0, abs=0.05)
@@ -150,11 +149,11 @@ def test_checkpointing_and_the_loss_head_in_activations():
 
 
 def test_script_runs_on_the_tiny_shape_and_prints_both_tables():
-    out = subprocess.run([sys.executable, "tools/memory_plan.py", "--tiny"], cwd=REPO,
+    out = subprocess.run([sys.executable, "tools/generators/memory_plan.py", "--tiny"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert text.startswith("<!-- ") and "command: python tools/memory_plan.py --tiny" in text
+    assert text.startswith("<!-- ") and "command: python tools/generators/memory_plan.py --tiny" in text
     assert "## Memory plan per rank (MiB, computed): tiny-gemma3" in text
     assert "## Measured vs computed, per decoder layer" in text
     plan_rows = [line for line in text.splitlines() if re.match(r"\| (bf16|nf4) \| (lora|scalora) \|", line)]

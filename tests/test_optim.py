@@ -13,7 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from scalora_dist.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from scalora_dist.model.lora import lora_layers  # noqa: E402
 from scalora_dist.optim import adam_moments, build_optimizer  # noqa: E402
-from scalora_dist.scalora import math as sm  # noqa: E402
+from scalora_dist.scalora import scaling as sm  # noqa: E402
 from scalora_dist.scalora.refactor import auto_kappa  # noqa: E402
 from scalora_dist.train import forward_backward, setup, train_step  # noqa: E402
 

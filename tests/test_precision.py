@@ -29,7 +29,7 @@ from helpers import (
 
 from scalora_dist.config import ConfigError, ScaLoRAConfig, load_config
 from scalora_dist.model.lora import lora_layers
-from scalora_dist.scalora import math as sm
+from scalora_dist.scalora import scaling as sm
 from scalora_dist.scalora.refactor import ScaLoRA
 from scalora_dist.train import TrainingError, forward_backward, setup, total_grad_norm, train_step
 
@@ -60,7 +60,7 @@ def test_every_refactor_keeps_the_function_on_the_float32_masters(name, tiny_lla
     if "4-bit" in name:
         pytest.importorskip("bitsandbytes")
     nproc, overrides = CONFIGS[name]
-    worker = str(REPO / "tests/precision_worker.py")
+    worker = str(REPO / "tests/workers/precision_worker.py")
     launcher = [sys.executable, worker] if nproc == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), worker]
     out = tmp_path / "records.json"

@@ -12,15 +12,14 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("bitsandbytes")
 
-from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig, load_config  # noqa: E402
+from scalora_dist.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from scalora_dist.model.build import build_model  # noqa: E402
 from scalora_dist.model.lora import lora_layers  # noqa: E402
 from scalora_dist.model.quant import dequantized_weight, is_quantized_linear  # noqa: E402
-from scalora_dist.scalora.math import accumulate_low_rank, accumulator_grams, left_gram_for  # noqa: E402
+from scalora_dist.scalora.scaling import accumulate_low_rank, accumulator_grams, left_gram_for  # noqa: E402
 from scalora_dist.train import export, setup, train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 def _config(model_dir, out, *overrides):

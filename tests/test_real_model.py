@@ -106,10 +106,10 @@ def test_the_peft_adapter_and_the_merged_model_give_the_same_logits(runs, smollm
 
 
 def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path):
-    """tools/study_real.py --quick: LoRA and ScaLoRA on the stdlib docstring -> function task
+    """tools/studies/study_real.py --quick: LoRA and ScaLoRA on the stdlib docstring -> function task
     (real standard-library text) from the real SmolLM2, a report with each method's held-out
     loss and ScaLoRA's kappa and refactor split; a second call trains nothing."""
-    cmd = [sys.executable, "tools/study_real.py", "--quick", "--model", str(smollm2),
+    cmd = [sys.executable, "tools/studies/study_real.py", "--quick", "--model", str(smollm2),
            "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # beside the other worker
     first_call = assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))

@@ -1,4 +1,4 @@
-"""The shipped 7-12B recipes (configs/<model>/<setup>.yaml, rendered by tools/recipes.py):
+"""The shipped 7-12B recipes (configs/<model>/<setup>.yaml, rendered by tools/generators/recipes.py):
 each is what the template and the memory plan say, and each runs, as shipped, for two steps
 on a tiny model of the same architecture class, with local data in the same format: the
 one-GPU recipes in one process, the multi-GPU ones under torchrun with 2 processes."""
@@ -17,7 +17,6 @@ from helpers import write_jsonl
 from scalora_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 import recipes  # noqa: E402
 
@@ -61,7 +60,7 @@ def recipe_runs(tmp_path_factory):
                               "train.max_steps=2", "train.eval_batches=2"],
             }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    worker = str(REPO / "tests/layouts_worker.py")
+    worker = str(REPO / "tests/workers/layouts_worker.py")
     for nproc, cases in groups.items():
         (root / f"cases{nproc}.json").write_text(json.dumps(cases))
         launcher = [sys.executable, worker] if nproc == 1 else [

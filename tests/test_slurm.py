@@ -1,5 +1,5 @@
 """SLURM launching: the job-script template, the `slurm` command, and real jobs on a
-throwaway SLURM cluster (tests/slurm_cluster.py: one controller and two slurmd nodes, each
+throwaway SLURM cluster (tests/workers/slurm_cluster.py: one controller and two slurmd nodes, each
 node in its own network namespace) running 2 nodes x 2 CPU processes (gloo).
 
 The cluster tests need root and Debian's slurm-wlm/munge (.ci/run installs them as root);
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from scalora_dist.slurm import SbatchOptions, SlurmError, example_files, parse_job_id, render_sbatch
+from scalora_dist.launch.slurm import SbatchOptions, SlurmError, example_files, parse_job_id, render_sbatch
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
@@ -40,9 +40,9 @@ ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": 
 def test_launch_folder_equals_the_rendered_template():
     for name, text in example_files().items():
         path = REPO / "launch" / name
-        assert path.is_file(), f"launch/{name} missing: python -m scalora_dist.slurm --write-examples launch/"
+        assert path.is_file(), f"launch/{name} missing: python -m scalora_dist.launch.slurm --write-examples launch/"
         assert path.read_text() == text, (
-            f"launch/{name} differs from the template: python -m scalora_dist.slurm --write-examples launch/"
+            f"launch/{name} differs from the template: python -m scalora_dist.launch.slurm --write-examples launch/"
         )
         assert os.access(path, os.X_OK)
 

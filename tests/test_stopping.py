@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_weights, merged_weights
 
-from scalora_dist.stopping import EXIT_REQUEUE
+from scalora_dist.run.stopping import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["data.eval_files=[]", "train.eval_every=0", "data.max_length=32", "adapter.rank=2", "adapter.alpha=4",
@@ -110,7 +110,7 @@ def test_a_signal_during_a_save_leaves_every_checkpoint_whole(tiny_llama, tmp_pa
     names = _checkpoints(out)
     assert names == ["step-00000004", "step-00000008", "step-00000009"], names
     assert all((out / "checkpoints" / n / "COMPLETE").is_file() for n in names)
-    from scalora_dist.checkpoint import read_app_state
+    from scalora_dist.run.checkpoint import read_app_state
 
     assert [read_app_state(out / "checkpoints" / n)["step"] for n in names] == [4, 8, 9]
 
@@ -137,7 +137,7 @@ def test_save_every_minutes_writes_checkpoints_on_the_clock_on_every_rank(tiny_l
     proc = subprocess.run(_cmd(tiny_llama, out, "train.save_every_minutes=0.01", "train.max_steps=40",
                                "train.keep_last=3"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    saves = proc.stderr.count("INFO scalora_dist.checkpoint: saving checkpoint")
+    saves = proc.stderr.count("INFO scalora_dist.run.checkpoint: saving checkpoint")
     assert saves >= 3, proc.stderr[-3000:]  # the clock's, besides the final one
     names = _checkpoints(out)
     assert len(names) == 3 and names[-1] == "step-00000040", names
@@ -150,7 +150,7 @@ def test_save_every_minutes_writes_checkpoints_on_the_clock_on_every_rank(tiny_l
 def test_requeue_rules(tmp_path):
     """The sbatch script's rules: a requeued job that keeps starting without a newer
     checkpoint stops after --max-attempts starts; progress resets the count."""
-    from scalora_dist.requeue import check_start
+    from scalora_dist.launch.requeue import check_start
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -1,16 +1,14 @@
-"""tools/study.py on a tiny setting: every code path (data, base pre-training, sweep, seeds,
+"""tools/studies/study.py on a tiny setting: every code path (data, base pre-training, sweep, seeds,
 kappa, ranks, report, plots, cache), not the numbers."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
 
 pytest.importorskip("matplotlib")
 
@@ -55,7 +53,7 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
         assert heading in text
     for label in study.LABELS.values():
         assert label in text
-    assert "python tools/study.py" in text
+    assert "python tools/studies/study.py" in text
     for png in ("study_curves.png", "study_lr_sweep.png", "study_rank.png", "study_kappa.png"):
         assert (out / png).stat().st_size > 1000
     results = json.loads((out / "study_results.json").read_text())
@@ -97,7 +95,7 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
 
 
 def test_real_study_headline_picks_each_methods_best_lr_by_seed_0_and_averages_its_seeds():
-    """tools/study_real.py's headline table (the README's): per method and rank, the lr whose
+    """tools/studies/study_real.py's headline table (the README's): per method and rank, the lr whose
     seed-0 run is lowest, the mean ± std of every seed there, the other lrs listed as tried."""
     import statistics
 

@@ -16,12 +16,12 @@ import torch
 import transformers
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig
+from scalora_dist.distributed import local_tensor
 from scalora_dist.model.loading import (
-    load_checkpoint_weights, local_block, local_offsets, model_dtype,
+    load_checkpoint_weights, local_block, local_offsets, model_dtype, record_weight_conversions,
 )
 from scalora_dist.model.chunked_loss import enable_chunked_loss, resolve_loss_kernel
 from scalora_dist.model.compile import compile_decoder_blocks
@@ -91,8 +91,7 @@ def build_model(
     _tie_weights(model)
     _init_computed_buffers(model, device)
     filled = load_checkpoint_weights(model, model_dir, conversions)
-    # what the merged export reverses to write the checkpoint's own names (as from_pretrained keeps it)
-    model._weight_conversions = [c for c in conversions if c.was_used()]
+    record_weight_conversions(model, conversions)  # the merged export writes the checkpoint's names
     _check_complete(model, checkpoint_keys, filled, model_dir)
     _init_adapters(model, seed)
     if model_cfg.gradient_checkpointing:
@@ -181,11 +180,7 @@ def _init_adapters(model: nn.Module, seed: int) -> None:
     for name, layer in lora_layers(model).items():
         for tensor in (layer.lora_B, layer.acc_U, layer.acc_V):
             if tensor is not None:
-                _local(tensor).zero_()
+                local_tensor(tensor).zero_()
         full = initial_lora_A(name, layer.rank, layer.in_features, seed)
-        local = _local(layer.lora_A)
+        local = local_tensor(layer.lora_A)
         local.copy_(local_block(full, local_offsets(layer.lora_A), local.shape))
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -27,6 +27,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from scalora_dist.config import ConfigError, ModelConfig
+from scalora_dist.distributed import local_tensor
 from scalora_dist.model.quant import is_quantized_linear, quantize_weight
 
 log = logging.getLogger("scalora_dist")
@@ -106,6 +107,15 @@ def local_block(full: torch.Tensor, offsets: tuple[int, ...], shape: torch.Size)
 
 
 @torch.no_grad()
+def record_weight_conversions(model: nn.Module, conversions: list) -> None:
+    """Keep on the model the key conversions its weights were read through, where
+    transformers' own `from_pretrained` keeps them (`model._weight_conversions`): that
+    attribute is transformers' interface, read back by its `revert_weight_conversion` (and
+    `save_pretrained`), which the merged export calls to write the checkpoint's own names.
+    Only the conversions that matched a checkpoint key are kept, as transformers does."""
+    model._weight_conversions = [c for c in conversions if c.was_used()]
+
+
 def load_checkpoint_weights(model: nn.Module, model_dir: Path, conversions: list) -> set[str]:
     """Fill the model's parameters and persistent buffers from the checkpoint, each rank
     its own block; returns the model keys that were filled. Unknown checkpoint tensors are
@@ -137,7 +147,7 @@ def load_checkpoint_weights(model: nn.Module, model_dir: Path, conversions: list
 
 
 def _fill(model: nn.Module, name: str, target: torch.Tensor, source) -> None:
-    local = target.to_local() if isinstance(target, DTensor) else target
+    local = local_tensor(target)
     offsets = local_offsets(target)
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model

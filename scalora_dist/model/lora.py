@@ -110,7 +110,7 @@ def add_lora(
     linear.full_A = None
     # A 4-bit base cannot absorb ScaLoRA's small merges (requantising leaves the codes as
     # they were), so the merged update lives in a float32 low-rank accumulator
-    # acc_U @ acc_V.T instead (scalora/math.py: accumulate_low_rank). Frozen parameters, not
+    # acc_U @ acc_V.T instead (scalora/scaling.py: accumulate_low_rank). Frozen parameters, not
     # buffers, so that FSDP2 shards them: acc_U's rows with the base's rows, acc_V's rows
     # with lora_A's columns.
     linear.quantized = is_quantized_linear(linear)

@@ -112,3 +112,11 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def nf4_weight_bytes(m: int, n: int, double_quant: bool = True, blocksize: int = 64) -> float:
+    """Bytes of an (m, n) weight stored as NF4: 4 bits per weight plus the block scales
+    (float32, or 8-bit with a second-level float32 scale per 256 blocks)."""
+    blocks = m * n / blocksize
+    scales = blocks * 1 + blocks / 256 * 4 if double_quant else blocks * 4
+    return m * n / 2 + scales

@@ -1,4 +1,4 @@
-"""Applies the ScaLoRA rewrite (scalora/math.py) to a model's LoRA layers and optimizer.
+"""Applies the ScaLoRA rewrite (scalora/scaling.py) to a model's LoRA layers and optimizer.
 
 Order per refactor step (docs/method.md §2): statistics of every layer -> one reduction of one
 flat buffer -> per-layer solve -> merge into the base -> rescale factors, gradients and
@@ -16,10 +16,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from scalora_dist.config import ScaLoRAConfig
+from scalora_dist.distributed import local_tensor
 from scalora_dist.model.loading import local_offsets
 from scalora_dist.model.lora import LoRALinear
 from scalora_dist.optim import adam_moments
-from scalora_dist.scalora import math as sm
+from scalora_dist.scalora import scaling as sm
 
 
 @dataclass
@@ -50,8 +51,22 @@ class RefactorReport:
             return None
         return math.sqrt(self.dropped_norm_sq / self.increment_norm_sq)
 
+    @classmethod
+    def combine(cls, reports: list[RefactorReport]) -> RefactorReport:
+        """Several steps' reports as one: counts, bytes and norms summed, alpha and beta
+        averaged over the reports that have them, the last kappa."""
+        alphas = [r.mean_alpha for r in reports if r.mean_alpha is not None]
+        betas = [r.mean_beta for r in reports if r.mean_beta is not None]
+        summed = {f: sum(getattr(r, f) for r in reports) for f in (
+            "column", "scalar", "skipped", "reduced_bytes", "collectives", "gathered_bytes",
+            "increment_norm_sq", "dropped_norm_sq")}
+        return cls(**summed, mean_alpha=sum(alphas) / len(alphas) if alphas else None,
+                   mean_beta=sum(betas) / len(betas) if betas else None,
+                   kappa=reports[-1].kappa if reports else None)
+
     def as_metrics(self) -> dict[str, float | int | None]:
-        return {
+        """The metrics.jsonl fields (scalora_acc_dropped_fraction only on a 4-bit base)."""
+        metrics: dict[str, float | int | None] = {
             "scalora_column": self.column,
             "scalora_scalar": self.scalar,
             "scalora_skipped": self.skipped,
@@ -61,8 +76,10 @@ class RefactorReport:
             "scalora_reduced_bytes": self.reduced_bytes,
             "scalora_gathered_bytes": self.gathered_bytes,
             "scalora_collectives": self.collectives,
-            "scalora_acc_dropped_fraction": self.dropped_fraction,
         }
+        if self.dropped_fraction is not None:
+            metrics["scalora_acc_dropped_fraction"] = self.dropped_fraction
+        return metrics
 
 
 AllReduce = Callable[[torch.Tensor], None]
@@ -149,7 +166,7 @@ class ScaLoRA:
                     out.append(None)
                     continue
                 block = flat[offset : offset + factor.numel()].view(factor.shape)
-                local = _local(factor)
+                local = local_tensor(factor)
                 start = local_offsets(factor)[dim]
                 block.narrow(dim, start, local.shape[dim]).copy_(local)
                 out.append(block)
@@ -214,10 +231,10 @@ class ScaLoRA:
 
     @staticmethod
     def _layer_statistics(layer: LoRALinear) -> list[torch.Tensor]:
-        A, B = _local(layer.lora_A), _local(layer.lora_B)
-        stats = list(sm.lora_grams(A, _local(layer.lora_A.grad), B, _local(layer.lora_B.grad), layer.scale))
+        A, B = local_tensor(layer.lora_A), local_tensor(layer.lora_B)
+        stats = list(sm.lora_grams(A, local_tensor(layer.lora_A.grad), B, local_tensor(layer.lora_B.grad), layer.scale))
         if layer.acc_U is not None:
-            stats += sm.accumulator_grams(_local(layer.acc_U), _local(layer.acc_V), A, B)
+            stats += sm.accumulator_grams(local_tensor(layer.acc_U), local_tensor(layer.acc_V), A, B)
         return stats
 
     def _rewrite(
@@ -241,11 +258,11 @@ class ScaLoRA:
             for layer, layer_scales, grams, full_A, full_B in zip(layers, scales, acc_grams, full_As, full_Bs):
                 self._merge(layer, layer_scales, grams, full_A=full_A, full_B=full_B, report=report)
                 A, B = layer.lora_A, layer.lora_B
-                plan = sm.factor_plan(_local(A), _local(B)) + sm.gradient_plan(_local(A.grad), _local(B.grad))
+                plan = sm.factor_plan(local_tensor(A), local_tensor(B)) + sm.gradient_plan(local_tensor(A.grad), local_tensor(B.grad))
                 moments_A = open_moments.enter_context(adam_moments(self.optimizer, A))
                 moments_B = open_moments.enter_context(adam_moments(self.optimizer, B))
                 if moments_A is not None and moments_B is not None:
-                    plan += sm.adam_moment_plan(*(_local(m) for m in (*moments_A, *moments_B)))
+                    plan += sm.adam_moment_plan(*(local_tensor(m) for m in (*moments_A, *moments_B)))
                 plans.append(plan)
             sm.rescale_many_(plans, scales)
 
@@ -263,7 +280,7 @@ class ScaLoRA:
             # accumulator, whose rows (of acc_U, of acc_V) are sharded like lora_B's rows and
             # lora_A's columns; the Grams of the whole factors came with the statistics.
             coef = layer.scale * (1.0 - scales.alpha * scales.beta)
-            U, V, A, B = (_local(t) for t in (layer.acc_U, layer.acc_V, layer.lora_A, layer.lora_B))
+            U, V, A, B = (local_tensor(t) for t in (layer.acc_U, layer.acc_V, layer.lora_A, layer.lora_B))
             left_gram = sm.left_gram_for(acc_grams[0], coef.to(acc_grams[0].device))
             new_U, new_V, dropped = sm.accumulate_low_rank(
                 U, V, B.double() * coef.to(B.device), A.double().T,
@@ -278,12 +295,8 @@ class ScaLoRA:
             if full_A is None:
                 full_A = layer.full_A if isinstance(layer.lora_A, DTensor) else layer.lora_A
             if full_B is None:
-                full_B = _local(layer.lora_B)
-            sm.merge_increment_(_local(layer.weight), full_A, full_B, layer.scale, scales)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+                full_B = local_tensor(layer.lora_B)
+            sm.merge_increment_(local_tensor(layer.weight), full_A, full_B, layer.scale, scales)
 
 
 def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float | list[float]) -> list[sm.Scales]:

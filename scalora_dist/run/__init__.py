@@ -1,0 +1,2 @@
+"""Run state: the run directory's rules, checkpoints (DCP, atomic, verified), exports and
+stopping on signals."""
