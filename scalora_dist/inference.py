@@ -15,6 +15,8 @@ loading); the model runs on the GPU when there is one, else on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,18 +89,35 @@ def load_model(spec: str, adapter: str | None = None, *, load_in_4bit: bool = Fa
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_storage=torch_dtype,
         ), "device_map": {"": device}}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra)
+    with _refusing_pickles(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra)
     if not load_in_4bit:
         model.to(device)
     source = str(model_dir)
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        with _refusing_pickles(adapter_dir):
+            model = PeftModel.from_pretrained(model, adapter_dir)
         source += f" + adapter {adapter_dir}"
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     return Loaded(model, tokenizer, source, run_dir)
+
+
+@contextmanager
+def _refusing_pickles(where) -> Iterator[None]:
+    """Weights in pickle files (pytorch_model.bin, adapter_model.bin) are read by
+    transformers and PEFT with torch.load(weights_only=True): one that holds anything but
+    tensors is refused, here as one ConfigError line."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "not only tensors")
+        raise ConfigError(f"MODEL: refusing to load the weights in {where}: a pickle file there holds objects "
+                          f"other than tensors, which could run code ({detail})") from None
 
 
 # -- generation ----------------------------------------------------------------------------

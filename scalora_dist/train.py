@@ -27,7 +27,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from scalora_dist.run.checkpoint import load_checkpoint, save_checkpoint
+from scalora_dist.run.checkpoint import (
+    estimated_checkpoint_bytes, load_checkpoint, save_checkpoint, warn_if_short_of_space,
+)
 from scalora_dist.run.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs
@@ -272,6 +274,9 @@ def train(
             clear_run(run_dir, everything=overwrite)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     barrier()
+    checkpoint_bytes = estimated_checkpoint_bytes(run.model, 2 if "8bit" in cfg.train.optimizer else 8)
+    if dist.is_main:
+        warn_if_short_of_space(run_dir, checkpoint_bytes)
     start = restore(run, checkpoint, rebuild_schedule=extend) if checkpoint is not None else 0
     if checkpoint is not None and dist.is_main:
         for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):  # drop records of steps being redone
@@ -404,7 +409,7 @@ def restore(run: Run, checkpoint: Path, rebuild_schedule: bool = False) -> int:
     """Load a checkpoint into a freshly set-up run; returns the step to continue from.
     `rebuild_schedule`: keep this run's LR schedule (over its own step count) and move it
     to the checkpoint's step, instead of the checkpoint's schedule."""
-    app_state = load_checkpoint(checkpoint, run.model, run.optimizer)
+    app_state = load_checkpoint(checkpoint, run.model, run.optimizer, verify=False)  # plan_start verified it
     if rebuild_schedule:
         import warnings
 

@@ -150,7 +150,9 @@ def effective_masters(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(ckpt_dir, Path(tmp) / "state.pt")
         state = torch.load(Path(tmp) / "state.pt", weights_only=False)["model"]
-    adapter = torch.load(ckpt_dir / "app_state.pt", weights_only=False)["config"]["adapter"]
+    from scalora_dist.run.checkpoint import read_app_state
+
+    adapter = read_app_state(ckpt_dir)["config"]["adapter"]
     r, alpha = adapter["rank"], adapter["alpha"]
     scale = alpha / r**0.5 if adapter["use_rslora"] else alpha / r
     out = {}

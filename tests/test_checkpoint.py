@@ -52,7 +52,7 @@ def test_round_trip_single_process(tiny_llama, tmp_path):
            "kappa": 0.25, "config": {"adapter": {"method": "scalora", "rank": 2}}}
     path = save_checkpoint(tmp_path / "ckpt", 2, model, opt, app)
     assert path == tmp_path / "ckpt" / "step-00000002"
-    assert {"COMPLETE", "app_state.pt", "rng-rank0.pt", ".metadata"} <= set(_steps(path))
+    assert {"COMPLETE", "app_state.json", "rng-rank0.safetensors", ".metadata"} <= set(_steps(path))
     expected = _plain_state(model, opt)
     draws = (torch.rand(3), random.random(), np.random.rand())
 
@@ -94,8 +94,8 @@ def test_keep_last_latest_and_resolve(tiny_llama, tmp_path):
         resolve_checkpoint(str(root / ".tmp-step-00000040"), root)
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint(str(root / "step-00000099"), root)
-    with pytest.raises(CheckpointError, match="app_state.pt"):
-        (root / "step-00000020" / "app_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="app_state.json"):
+        (root / "step-00000020" / "app_state.json").unlink()
         load_checkpoint(root / "step-00000020", model, opt)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
@@ -171,7 +171,7 @@ def test_fsdp_keep_last(fsdp_run):
     assert _steps(fsdp_run["root"]) == ["step-00000002", "step-00000003"]
     ckpt = fsdp_run["root"] / "step-00000003"
     files = set(_steps(ckpt))
-    assert {"COMPLETE", "app_state.pt", "rng-rank0.pt", "rng-rank1.pt", ".metadata"} <= files
+    assert {"COMPLETE", "app_state.json", "rng-rank0.safetensors", "rng-rank1.safetensors", ".metadata"} <= files
     assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
 
 

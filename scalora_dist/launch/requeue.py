@@ -31,10 +31,12 @@ STATE = "requeue.json"
 
 
 def newest_step(run_dir: Path) -> int:
-    from scalora_dist.run.checkpoint import latest_checkpoint, read_app_state  # (torch: only here)
-
-    newest = latest_checkpoint(run_dir / "checkpoints")
-    return int(read_app_state(newest)["step"]) if newest is not None else 0
+    """The step of the newest complete checkpoint (a step-XXXXXXXX directory with its COMPLETE
+    marker), from the directory names alone: no checkpoint file is read."""
+    root = run_dir / "checkpoints"
+    steps = [int(d.name[len("step-"):]) for d in root.glob("step-*")
+             if d.name[len("step-"):].isdigit() and (d / "COMPLETE").is_file()] if root.is_dir() else []
+    return max(steps, default=0)
 
 
 def check_start(run_dir: Path, restart_count: int, max_attempts: int) -> tuple[bool, str]:

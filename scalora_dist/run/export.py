@@ -28,7 +28,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from scalora_dist.run.checkpoint import CheckpointError, attempt, raise_if_any_rank_failed, quiet_single_process, rank_world, read_app_state
+from scalora_dist.run.checkpoint import (
+    CheckpointError, attempt, dcp_keys, dcp_load, raise_if_any_rank_failed, rank_world, read_app_state,
+    verify_checkpoint,
+)
 from scalora_dist.config import config_from_dict
 from scalora_dist.model.build import meta_model
 from scalora_dist.model.hub import resolve_model_dir
@@ -346,11 +349,11 @@ def export_checkpoint(
     process (no process group), as the run's own export would have. `model_path` replaces
     the recorded model.path (e.g. where the base checkpoint lives on this machine); `dtype`
     the recorded export dtype. Returns out_dir. CheckpointError / ConfigError on bad input."""
-    import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    verify_checkpoint(ckpt_dir)
     app = read_app_state(ckpt_dir)
     cfg = config_from_dict(app["config"])
     if model_path:
@@ -371,7 +374,7 @@ def export_checkpoint(
         quantize_linears_(model, find_target_linears(model, "all-linear"), cfg.model, run_dtype)
     inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
     names = {module: name for name, module in model.named_modules()}
-    stored = set(dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    stored = dcp_keys(ckpt_dir)
 
     def fill(module: nn.Module) -> None:
         """Give `module` its own tensors, from the checkpoint or (4-bit codes) from model.path."""
@@ -391,8 +394,7 @@ def export_checkpoint(
             else:
                 raise CheckpointError(f"checkpoint {ckpt_dir} has no tensor {prefix + attr}")
         if wanted:
-            with quiet_single_process():
-                dcp.load({"model": wanted}, checkpoint_id=str(ckpt_dir), no_dist=True)
+            dcp_load({"model": wanted}, ckpt_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_old_weights(out_dir)
@@ -416,7 +418,6 @@ def export_checkpoint(
 def export_checkpoint_adapter(ckpt_dir: str | Path, out_dir: str | Path, *, model_path: str | None = None) -> Path | None:
     """For a LoRA run's checkpoint, its PEFT adapter (only the factors are read); None for
     other methods, whose result is not an adapter."""
-    import torch.distributed.checkpoint as dcp
 
     from scalora_dist.model.hub import model_reference
     from scalora_dist.model.lora import lora_layers, save_peft_adapter
@@ -434,6 +435,5 @@ def export_checkpoint_adapter(ckpt_dir: str | Path, out_dir: str | Path, *, mode
         for attr in ("lora_A", "lora_B"):
             setattr(layer, attr, nn.Parameter(torch.empty(getattr(layer, attr).shape), requires_grad=False))
             wanted[f"{name}.{attr}"] = getattr(layer, attr)
-    with quiet_single_process():
-        dcp.load({"model": wanted}, checkpoint_id=str(ckpt_dir), no_dist=True)
+    dcp_load({"model": wanted}, ckpt_dir)
     return save_peft_adapter(model, out_dir, cfg.adapter, model_reference(cfg.model))

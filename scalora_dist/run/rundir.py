@@ -17,13 +17,16 @@ run it claims to continue.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalora_dist.run.checkpoint import CheckpointError, latest_checkpoint, read_app_state, resolve_checkpoint
+from scalora_dist.run.checkpoint import (
+    CheckpointError, dcp_keys, newest_verified_checkpoint, read_app_state, resolve_checkpoint, verify_checkpoint,
+)
 from scalora_dist.config import Config, ConfigError, to_dict
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "checkpoints", "merged", "adapter",
@@ -93,7 +96,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: saved -> current` for every world-independent key that differs."""
-    before, after = _flatten(saved), _flatten(current)
+    # as stored (JSON): tuples are lists there
+    before, after = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
     changed = []
     for key in sorted(set(before) | set(after)):
         if key.startswith("output.") or key in RESUMABLE_CHANGES:
@@ -115,22 +119,35 @@ class Start:
         return int(self.saved["step"]) if self.saved else 0
 
 
-def plan_start(cfg: Config, resume: str | None, *, overwrite: bool = False, force_resume: bool = False) -> Start:
+def plan_start(cfg: Config, resume: str | None, *, overwrite: bool = False, force_resume: bool = False,
+               checksums: bool = True) -> Start:
     """Apply the rules that need no model or data: output.dir, a fresh start into a run,
-    a checkpoint of another configuration. Reads, never writes (but creates output.dir)."""
+    a checkpoint that does not verify against its manifest (--resume auto falls back to the
+    newest that does; latest and a path refuse), a checkpoint of another configuration.
+    Reads, never writes (but creates output.dir). `checksums`: verify the files' checksums
+    too, not only their sizes (every rank calls this when distributed: a collective)."""
     run_dir = Path(cfg.output.dir)
     check_output_dir(run_dir)
     ckpt_root = run_dir / "checkpoints"
     if resume == "auto":
-        checkpoint = latest_checkpoint(ckpt_root)
+        checkpoint = newest_verified_checkpoint(ckpt_root, checksums=checksums)
     else:
         checkpoint = resolve_checkpoint(resume, ckpt_root) if resume else None
+        if checkpoint is not None:
+            try:
+                verify_checkpoint(checkpoint, checksums=checksums)
+            except CheckpointError as e:
+                raise CheckpointError(f"resume: {e}; --resume auto would fall back to the newest checkpoint "
+                                      "that verifies") from None
     found = run_artifacts(run_dir)
     if checkpoint is None and found and not overwrite and resume != "auto":
         refuse_fresh_start(run_dir, found)
     if checkpoint is None:
         return Start()
     saved = read_app_state(checkpoint)
+    dcp_keys(checkpoint)  # its DCP metadata reads as metadata (never as code), before any worker starts
+    if not isinstance(saved.get("config"), dict):
+        raise CheckpointError(f"resume: {checkpoint} holds no run configuration; it was not written by a training run")
     changed = config_differences(saved["config"], to_dict(cfg))
     if changed and not force_resume:
         raise CheckpointError(
