@@ -202,7 +202,7 @@ def train(
     if options.needs_torchrun():
         from scalora_dist.run.stopping import install_handlers
 
-        install_handlers()  # a stop asked for before the workers start: start none
+        install_handlers()  # a stop asked for (Ctrl-C too) before the workers start: start none
         if not dry_run:
             _preflight(cfg, options, resume, flags)
         _launch(config, overrides or [], options, quiet, resume, dry_run, flags)
@@ -213,7 +213,7 @@ def train(
     from scalora_dist.distributed import choose_threads
     from scalora_dist.run.stopping import install_handlers
 
-    install_handlers()  # SIGUSR1 / SIGTERM: checkpoint at the next step, then stop
+    install_handlers()  # SIGUSR1 / SIGTERM / a first Ctrl-C: checkpoint at the next step, then stop
     threads, why = choose_threads()
     if not quiet:
         console.print(f"{threads} CPU thread(s) for this process ({why})", style="dim", highlight=False)
@@ -297,7 +297,7 @@ def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optio
                   overwrite: bool, force_resume: bool, extend: bool) -> None:
     from scalora_dist.run.stopping import install_handlers
 
-    install_handlers()  # SIGUSR1 / SIGTERM: checkpoint at the next step, then stop
+    install_handlers(ctrl_c=False)  # SIGUSR1 / SIGTERM: checkpoint, then stop; SIGINT (a second Ctrl-C): at once
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[rank{rank}] "
     try:

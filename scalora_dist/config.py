@@ -238,6 +238,12 @@ class TrainConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: `stop` the run with an error naming the step (before any update or
     checkpoint), or `skip` the step's update and count it in metrics.jsonl."""
+    collective_timeout_s: float = 300.0
+    """Several processes: how long a collective may wait for a rank during training before
+    the job stops with an error naming the rank that stopped answering and the step (setup,
+    where a node's first rank may be downloading the model, allows 30 minutes). On CUDA,
+    NCCL's flight recorder then leaves each rank's last collectives in
+    output.dir/flight_recorder/."""
     save_every: int = 0
     """Write a resumable checkpoint (DCP: model shards, optimizer, scheduler, data
     position, RNG, step) every this many steps; one is always written at the end."""
@@ -519,6 +525,8 @@ def validate(config: Config) -> None:
     _positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
     if t.save_every_minutes < 0:
         raise ConfigError("train.save_every_minutes: must be >= 0")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(f"train.collective_timeout_s: must be > 0 seconds, got {t.collective_timeout_s}")
     for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name}: must be >= 0")

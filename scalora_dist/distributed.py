@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,9 +82,16 @@ def launched_by_torchrun() -> bool:
     )
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+SETUP_TIMEOUT_MINUTES = 30.0
+"""How long a collective may wait during setup: a node's first rank downloads the model
+while the others wait in a barrier. Training then uses train.collective_timeout_s."""
+
+
+def init_distributed(timeout_minutes: float = SETUP_TIMEOUT_MINUTES, flight_recorder_dir: Path | None = None) -> DistInfo:
     """Initialise the process group when started by torchrun (NCCL on CUDA, gloo on CPU);
-    otherwise a one-process DistInfo on the best local device."""
+    otherwise a one-process DistInfo on the best local device. On CUDA, NCCL's flight
+    recorder keeps each rank's last collectives and dumps them on a timeout into
+    `flight_recorder_dir`/nccl_trace_rank_<R> (when given)."""
     if not launched_by_torchrun():
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         setup_logging(0, prefix=False)
@@ -99,6 +107,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     setup_logging(rank)
+    if backend == "nccl" and flight_recorder_dir is not None:
+        enable_flight_recorder(Path(flight_recorder_dir))
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -106,6 +116,60 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
             device_id=device if backend == "nccl" else None,
         )
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def enable_flight_recorder(directory: Path) -> None:
+    """NCCL's flight recorder (before the process group exists): a ring buffer of each rank's
+    collectives, dumped on a collective timeout, so a hang leaves a record of which
+    collective each rank was in (read it with `python -m torch.distributed.flight_recorder.fr_trace`).
+    Settings a user has made in the environment are kept."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", "20000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+                       ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(directory / "nccl_trace_rank_")),
+                       ("TORCH_FR_DUMP_TEMP_FILE", str(directory / "nccl_trace_rank_"))):
+        os.environ.setdefault(key, value)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective that waits longer than this for a peer fails (the default
+    process group; setup ran under SETUP_TIMEOUT_MINUTES)."""
+    if dist.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """A collective gave up waiting for a peer (gloo: "Timed out waiting ..."; NCCL's watchdog
+    messages say "timeout" / "timed out" too)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def silent_ranks(wait_s: float = 10.0) -> list[int]:
+    """After a collective timed out on this rank: the ranks that stopped answering. Every rank
+    whose collective timed out says so in the job's store (torchrun's, which lives in the
+    agent and still answers); the ranks that have not said so within `wait_s` are the ones
+    the others were waiting for. Empty when it cannot tell."""
+    if not dist.is_initialized():
+        return []
+    import time
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        store = _get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        store.set(f"scalora/timed_out/{rank}", "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(world) if not store.check([f"scalora/timed_out/{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # the store is gone too: nothing to tell
+        return []
 
 
 def destroy_distributed(wait_for_peers: bool = False) -> None:

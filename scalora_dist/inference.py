@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -167,9 +167,11 @@ def generate(model: nn.Module, tokenizer, ids: torch.Tensor, sampling: Sampling,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0) -> float:
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0,
+             stop_asked: Callable[[], bool] | None = None) -> float | None:
     """Mean loss per labelled token over the eval set (all ranks' shares together). Ranks
-    with fewer batches run masked copies, since FSDP2 needs every rank in every forward."""
+    with fewer batches run masked copies, since FSDP2 needs every rank in every forward.
+    `stop_asked` (a collective, so every rank calls it for every batch) cuts it short: None."""
     from scalora_dist.data import count_tokens, model_inputs
     from scalora_dist.distributed import all_reduce_max, all_reduce_sum_
 
@@ -180,6 +182,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_ba
         n_batches = min(n_batches, max_batches)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, labelled tokens
     for i in range(n_batches):
+        if stop_asked is not None and stop_asked():
+            model.train()
+            return None
         batch = batches[i] if i < len(batches) else _masked(batches[0])
         n = count_tokens([batch])[0]
         out = model(**move_to(model_inputs(batch), device), num_items_in_batch=torch.tensor(max(n, 1), device=device))

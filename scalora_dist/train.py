@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,12 +28,15 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from scalora_dist.run.checkpoint import (
-    estimated_checkpoint_bytes, load_checkpoint, save_checkpoint, warn_if_short_of_space,
+    estimated_checkpoint_bytes, latest_checkpoint, load_checkpoint, save_checkpoint, warn_if_short_of_space,
 )
 from scalora_dist.run.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs
-from scalora_dist.distributed import DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed, local_tensor
+from scalora_dist.distributed import (
+    DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed, is_collective_timeout, local_tensor,
+    set_collective_timeout, silent_ranks,
+)
 from torch.distributed import is_initialized as dist_is_initialized
 from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.inference import Sampling, evaluate, generate, move_to, prompt_ids
@@ -259,8 +262,8 @@ def train(
     (rundir.py): nothing in it is written or removed before the run is set up; a fresh start
     into a directory holding a run needs `overwrite`; a checkpoint of another configuration
     needs `force_resume`; training past its schedule needs `extend`."""
-    dist = init_distributed()
     run_dir = Path(cfg.output.dir)
+    dist = init_distributed(flight_recorder_dir=run_dir / "flight_recorder")
     ckpt_root = run_dir / "checkpoints"
     begin = plan_start(cfg, resume, overwrite=overwrite, force_resume=force_resume)
     checkpoint = begin.checkpoint
@@ -293,8 +296,16 @@ def train(
         clear_marker(run_dir)
     clock = SaveClock(cfg.train.save_every_minutes)
     stopped: tuple[int, str] | None = None
-    with StopSignals() as signals, \
+    path = checkpoint
+    at = {"step": start + 1, "where": "before step"}  # where the run is, for a collective that times out
+    set_collective_timeout(cfg.train.collective_timeout_s)
+    with StopSignals() as signals, collective_timeouts(at, cfg.train.collective_timeout_s, ckpt_root), \
             ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main, start=start) as progress:
+
+        def stop_asked() -> bool:
+            """Whether any rank got a stop request (a collective: every rank calls it at the same point)."""
+            return any_rank_asks(signals.received is not None, False, run.device)[0]
+
         trainable = sum(p.numel() for p in run.params)
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
@@ -303,7 +314,10 @@ def train(
             + (", activations offloaded to the host" if cfg.model.offload_activations else "")
             + (f", resumed from {checkpoint} at step {start}" if checkpoint else "")
         )
-        for step in range(start, run.total_steps):
+        if stop_asked():  # asked during setup: nothing trained since the start, nothing to save
+            stopped = (start, signals.name or "a signal on another rank")
+        for step in range(start, run.total_steps if stopped is None else start):
+            at.update(step=step + 1, where="in step")
             if fault == step + 1:
                 raise RuntimeError(f"{FAULT_ENV}: injected failure at step {step + 1} on rank {dist.rank}")
             started = time.perf_counter()
@@ -312,6 +326,7 @@ def train(
                 time.sleep(slow_step)
             window.add(result, time.perf_counter() - started)
             done = step + 1
+            at["where"] = "after step"
             if done % cfg.train.log_every == 0 or done == run.total_steps:
                 record = {
                     "step": done,
@@ -338,50 +353,75 @@ def train(
                 progress.update(done, record)
             eval_due = (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == run.total_steps
             if run.eval_loader is not None and eval_due:
-                eval_loss = evaluate(run.model, run.eval_loader, run.device, cfg.train.eval_batches)
-                record = {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
-                if writer is not None:
-                    writer.log_eval(record)
-                progress.print(format_eval(record))
+                loss = evaluate(run.model, run.eval_loader, run.device, cfg.train.eval_batches, stop_asked=stop_asked)
+                if loss is not None:  # None: a stop came during the evaluation, which was cut short
+                    eval_loss = loss
+                    record = {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
+                    if writer is not None:
+                        writer.log_eval(record)
+                    progress.print(format_eval(record))
             if cfg.train.sample_prompts and (eval_due if cfg.train.eval_every else done == run.total_steps):
-                for sample in sample_completions(run, done):
+                for sample in sample_completions(run, done, stop_asked):
                     if writer is not None:
                         writer.log_sample(sample)
                     progress.print(f"sample @ step {done}: {sample['prompt']!r} -> {sample['completion']!r}")
             stop, timed = any_rank_asks(signals.received is not None, dist.is_main and clock.due(), run.device)
             save_due = (cfg.train.save_every and done % cfg.train.save_every == 0) or timed or stop
             if save_due or done == run.total_steps:
+                at["where"] = "saving after step"
                 path = save(run, ckpt_root, done)
                 clock.saved()
                 progress.print(f"checkpoint {path}")
             if stop and done < run.total_steps:
                 stopped = (done, signals.name or "a signal on another rank")
-                if dist.is_main:
-                    write_marker(run_dir, done, stopped[1], path)
-                log.warning("stopped at step %d on %s, after writing %s; run again with --resume auto "
-                            "to continue", done, stopped[1], path)
                 break
+        if stopped is not None:
+            if dist.is_main:
+                write_marker(run_dir, stopped[0], stopped[1], path)
+            log.warning("stopped at step %d on %s%s; run again with --resume auto to continue", stopped[0],
+                        stopped[1], f", after writing {path}" if path is not None else " (nothing to save yet)")
+        else:
+            at["where"] = "exporting after step"
+            export(run, run_dir)
 
-    if stopped is not None:
-        if writer is not None:
-            writer.close()
-        return TrainResult(run_dir, run.total_steps, history[-1]["loss"] if history else float("nan"), eval_loss,
-                           history, checkpoint=checkpoint, first_step=start, stopped_at=stopped[0])
-    export(run, run_dir)
     if writer is not None:
         writer.close()
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history, checkpoint=checkpoint, first_step=start)
+    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history, checkpoint=checkpoint,
+                       first_step=start, stopped_at=stopped[0] if stopped is not None else None)
+
+
+@contextlib.contextmanager
+def collective_timeouts(at: dict[str, Any], timeout_s: float, ckpt_root: Path):
+    """A collective that timed out waiting for a rank ends the run with a TrainingError that
+    names the rank(s) that stopped answering, the step, and the last complete checkpoint."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not dist_is_initialized() or not is_collective_timeout(e):
+            raise
+        silent = silent_ranks(min(10.0, timeout_s))
+        who = (f"rank {', '.join(map(str, silent))} stopped answering" if silent
+               else "a rank stopped answering")
+        last = latest_checkpoint(ckpt_root)
+        raise TrainingError(
+            f"{who} {at['where']} {at['step']}: this rank waited {timeout_s:g} s for it in a collective "
+            f"(train.collective_timeout_s); stopping the job (the last complete checkpoint is "
+            f"{last if last is not None else 'none yet'})"
+        ) from None
 
 
 @torch.no_grad()
-def sample_completions(run: Run, step: int) -> list[dict[str, Any]]:
+def sample_completions(run: Run, step: int, stop_asked: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """Greedy completions of train.sample_prompts by the model as it is now. Every rank runs
-    them (FSDP2 needs every rank in every forward); they agree, as the logits do."""
+    them (FSDP2 needs every rank in every forward); they agree, as the logits do. Between
+    prompts, `stop_asked` (a collective) can cut them short."""
     chat = run.cfg.data.format in ("chat", "sharegpt", "alpaca") and bool(getattr(run.tokenizer, "chat_template", None))
     run.model.eval()
     samples = []
     for prompt in run.cfg.train.sample_prompts:
+        if stop_asked is not None and stop_asked():
+            break
         ids = prompt_ids(run.tokenizer, prompt, chat)
         new = generate(run.model, run.tokenizer, ids, Sampling(run.cfg.train.sample_max_new_tokens))
         samples.append({"step": step, "prompt": prompt,

@@ -112,3 +112,118 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_resume_continues_exactly(si
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert logged_losses(run) == logged_losses(six_steps)
     assert_same_weights(merged_weights(run), merged_weights(six_steps), tol=1e-6)
+
+
+# -- stop requests outside a training step -------------------------------------------------
+
+
+def _popen(model, out, *extra, nproc=1):
+    launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
+           f"model.path={model}", f"output.dir={out}", f"train.micro_batch_size={4 // nproc}", *SHORT, *extra, *launch]
+    log = (out.parent / f"{out.name}.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    proc.log = out.parent / f"{out.name}.log"
+    return proc
+
+
+def _wait(proc, ready, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, proc.log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_stop_asked_for_during_setup_or_an_evaluation_is_not_lost(tiny_llama, tmp_path):
+    from scalora_dist.run.stopping import EXIT_REQUEUE
+
+    # during setup: the request is kept until setup ends, and nothing has been trained
+    early = _popen(tiny_llama, tmp_path / "early", "train.max_steps=50")
+    time.sleep(0.5)  # the process is importing
+    early.send_signal(signal.SIGUSR1)
+    assert early.wait(timeout=120) == EXIT_REQUEUE, early.log.read_text()[-3000:]
+    assert json.loads((tmp_path / "early/STOPPED").read_text())["step"] == 0
+    metrics = tmp_path / "early/metrics.jsonl"
+    assert not metrics.is_file() or not metrics.read_text().strip()
+
+    # during an evaluation long enough to matter (3,000 held-out examples one at a time): it
+    # stops between two of its batches, saves the step it follows, and records no half evaluation
+    run = tmp_path / "eval"
+    slow_eval = ["train.eval_every=2", "data.eval_files=[configs/data/quickstart_train.jsonl]",
+                 "train.eval_batches=0", "train.max_steps=50"]
+    proc = _popen(tiny_llama, run, *slow_eval)
+    _wait(proc, lambda: (run / "metrics.jsonl").is_file() and '"step": 2' in (run / "metrics.jsonl").read_text())
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_REQUEUE, proc.log.read_text()[-3000:]
+    took = time.monotonic() - asked
+    assert json.loads((run / "STOPPED").read_text())["step"] == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (run / "eval.jsonl").is_file() or not (run / "eval.jsonl").read_text().strip()
+    print(f"stopped {took:.1f} s into an evaluation")
+
+
+# -- a rank that stops answering -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny_llama, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
+           f"model.path={tiny_llama}", f"output.dir={run}", "train.micro_batch_size=2", *SHORT,
+           "train.max_steps=100000", "train.save_every=2", "train.collective_timeout_s=5", "--nproc-per-node", "2"]
+    log = (tmp_path / "job.log").open("w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints/step-00000002/COMPLETE").is_file():
+            assert launcher.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        frozen = _rank_pids(launcher.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code = launcher.wait(timeout=120)
+        took = time.monotonic() - stopped_at
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    text = (tmp_path / "job.log").read_text()
+    assert code == 1, text[-3000:]
+    errors = [line for line in text.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "rank 1 stopped answering" in errors[0] and "step" in errors[0], text[-3000:]
+    assert "train.collective_timeout_s" in errors[0] and "last complete checkpoint is" in errors[0]
+    assert took < 60, f"the job took {took:.0f} s to end"
+    complete = sorted(p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    from scalora_dist.run.checkpoint import verify_checkpoint
+
+    verify_checkpoint(complete[-1])  # the last complete checkpoint is whole
+    print(f"a frozen rank ended the job in {took:.0f} s: {errors[0]}")
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers below a launcher (the processes whose environment has RANK)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    ranks, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env and pid != launcher_pid:
+            ranks.setdefault(int(env["RANK"]), pid)
+    return ranks

@@ -219,7 +219,9 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def test_ctrl_c_stops_all_ranks(tiny_llama, tmp_path):
+def test_a_second_ctrl_c_stops_all_ranks_at_once(tiny_llama, tmp_path):
+    """The first Ctrl-C asks for a checkpoint (tests/test_stopping.py); a second one, before
+    it comes, stops every rank at once (exit 130, no process left)."""
     out = tmp_path / "run"
     log = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
     launcher = subprocess.Popen(
@@ -238,6 +240,8 @@ def test_ctrl_c_stops_all_ranks(tiny_llama, tmp_path):
         assert len(workers) >= 3, workers
 
         launcher.send_signal(signal.SIGINT)  # to the launcher only: it must relay it
+        time.sleep(0.2)
+        launcher.send_signal(signal.SIGINT)
         sent = time.monotonic()
         code = launcher.wait(timeout=30)
         stopped_in = time.monotonic() - sent
@@ -321,8 +325,9 @@ def test_the_reported_failure_is_the_cause(tmp_path, monkeypatch):
 
 
 def test_workers_ignoring_signals_are_killed(tmp_path):
-    """Ranks that ignore SIGINT/SIGTERM (stuck in native code, say) are SIGKILLed once the
-    launcher's grace period after Ctrl-C is over: the launcher never leaves them behind."""
+    """Ranks that ignore every signal but SIGKILL (stuck in native code, say): the first
+    Ctrl-C's stop request goes unanswered, and after a second one they are SIGKILLed once the
+    launcher's grace period is over: the launcher never leaves them behind."""
     cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_stubborn.py")]
     err_path = tmp_path / "stderr.txt"
     with err_path.open("w") as err:
@@ -340,6 +345,9 @@ def test_workers_ignoring_signals_are_killed(tmp_path):
                 time.sleep(0.2)
             workers = _children(launcher.pid)
             assert len(workers) >= 3, workers
+            launcher.send_signal(signal.SIGINT)
+            time.sleep(1)
+            assert launcher.poll() is None  # the first asks for a checkpoint: it waits for the workers
             launcher.send_signal(signal.SIGINT)
             code = launcher.wait(timeout=30)
         finally:

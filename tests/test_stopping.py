@@ -71,12 +71,13 @@ def _interrupt(tiny_llama, out, sig, *extra, after="step-00000004", env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
 def test_a_signal_stops_every_rank_after_one_checkpoint_and_resume_finishes_the_run(
     sig, tiny_llama, uninterrupted, tmp_path
 ):
-    """SIGUSR1 (a time-limit warning) or SIGTERM (preemption) to the launcher; the resumed
-    run is checked once, for SIGUSR1 (the stop is the same)."""
+    """SIGUSR1 (a time-limit warning) or a first Ctrl-C to the launcher (SIGTERM, preemption,
+    takes the same path: one-process runs test it below); the resumed run is checked once,
+    for SIGUSR1 (the stop is the same)."""
     out = tmp_path / "run"
     code, log = _interrupt(tiny_llama, out, sig, "train.save_every=4")
     assert code == EXIT_REQUEUE, log[-3000:]
@@ -124,7 +125,7 @@ def test_one_process_runs_stop_the_same_way(tiny_llama, tmp_path):
     _wait_for(out / "metrics.jsonl", proc)
     while len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == EXIT_REQUEUE
     err.close()
     step = json.loads((out / "STOPPED").read_text())["step"]

@@ -36,9 +36,9 @@ FORWARDED_SIGNALS = tuple(
     s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")) if s is not None
 )
 #: Signals that ask the run to checkpoint and stop (scalora_dist/run/stopping.py): they go to the
-#: workers themselves, past torchrun's agent, which would stop them at once (SIGTERM) or die
-#: of them (SIGUSR1). A second SIGTERM stops everything.
-GRACEFUL_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM) if s is not None)
+#: workers themselves, past torchrun's agent, which would stop them at once (SIGTERM, SIGINT)
+#: or die of them (SIGUSR1). A second SIGTERM or Ctrl-C stops everything at once.
+GRACEFUL_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT) if s is not None)
 STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGTERM)
 
 #: After relaying a signal, how long torchrun gets to stop its workers (it waits up to its own
@@ -199,9 +199,9 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
     first SIGINT / SIGHUP is relayed to torchrun's process group, and torchrun stops its
     workers (it sends them the signal, then SIGKILL after its shutdown timeout). A second
     signal, or torchrun still running `escalate_after_s` after the first, SIGKILLs torchrun and
-    every process below it. SIGUSR1 and a first SIGTERM ask for a checkpoint and a stop: they
-    go to the workers, as SIGUSR1, and the job ends when they have saved (a second SIGTERM
-    to the launcher stops it at once). After an interrupted run any worker still alive is killed too.
+    every process below it. SIGUSR1, a first SIGTERM and a first Ctrl-C ask for a checkpoint
+    and a stop: they go to the workers, as SIGUSR1, and the job ends when they have saved (a
+    second SIGTERM or Ctrl-C to the launcher is relayed as itself: a stop at once). After an interrupted run any worker still alive is killed too.
     On Linux torchrun also gets SIGTERM if this process dies without a chance to relay.
 
     Returns torchrun's exit code, or 128 + signal number when the run was interrupted
@@ -222,6 +222,10 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
     def relay(signum: int, frame: object) -> None:
         if signum in GRACEFUL_SIGNALS and not received and signum not in graceful:
             graceful.append(signum)  # passed on to the workers as SIGUSR1, in the wait loop
+            if signum == signal.SIGINT:
+                print("\nCtrl-C: every rank stops after a checkpoint at the next point they all reach; press "
+                      "Ctrl-C again to stop at once (the steps since the last checkpoint are lost)",
+                      file=sys.stderr, flush=True)
             return
         received.append(signum)
         if not procs:
@@ -239,7 +243,7 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
                 previous[sig] = signal.signal(sig, relay)
             except ValueError:  # not the main thread: signals stay as they are
                 break
-        from scalora_dist import stopping
+        from scalora_dist.run import stopping
 
         graceful += [s for s in stopping._received if s in GRACEFUL_SIGNALS][:1]  # asked before this
         procs.append(subprocess.Popen(

@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = {
     "model.offload_activations", "model.loss_kernel",
     "model.base_placement", "train.micro_batch_size", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.save_every", "train.save_every_minutes", "train.keep_last",
-    "train.on_nonfinite_loss",
+    "train.on_nonfinite_loss", "train.collective_timeout_s",
     "train.sample_prompts", "train.sample_max_new_tokens",
     "train.max_steps", "train.epochs", "data.eval_files",
 }

@@ -1,14 +1,22 @@
-"""Stopping early without losing work: on SIGUSR1 or SIGTERM a run finishes the step it is
-in, writes a checkpoint (atomic, as every save), and exits with EXIT_REQUEUE so that a
-scheduler (SLURM's time-limit warning, preemption, `scancel --signal=USR1`, `scontrol
-requeue`) can start it again, where `--resume auto` continues from that checkpoint.
+"""Stopping early without losing work: on SIGUSR1, SIGTERM or a first Ctrl-C (SIGINT) a
+run finishes what it is doing, writes a checkpoint (atomic, as every save), and exits with
+EXIT_REQUEUE so that a scheduler (SLURM's time-limit warning, preemption, `scancel
+--signal=USR1`, `scontrol requeue`) or the user can start it again, where `--resume auto`
+continues from that checkpoint. A second Ctrl-C stops at once (the steps since the last
+checkpoint are lost).
 
 Every rank must stop at the same step and only one checkpoint may be written, so the flag
-a signal sets is combined across ranks at each step boundary (one all-reduce of two
-numbers, with the wall-clock save flag of `train.save_every_minutes`, which rank 0's clock
-decides). A handler only sets a flag, so a signal that arrives during a save never
-interrupts it. SIGTERM is a best effort: the scheduler (KillWait) and torchrun's agent (30 s)
-SIGKILL what has not stopped by then, so a time limit should come with SIGUSR1's warning.
+a signal sets is combined across ranks wherever they can all agree: at each step boundary
+(one all-reduce of two numbers, with the wall-clock save flag of `train.save_every_minutes`,
+which rank 0's clock decides), after setup, between evaluation batches and between sample
+prompts, so a signal that comes during a long setup or evaluation is acted on when that
+part ends or at the next batch, not lost. A handler only sets a flag, so a signal that
+arrives during a save never interrupts it. SIGTERM is a best effort: the scheduler
+(KillWait) and torchrun's agent (30 s) SIGKILL what has not stopped by then, so a time limit
+should come with SIGUSR1's warning.
+
+In a torchrun job the launcher takes the terminal's Ctrl-C (scalora_dist/launch/torchrun.py):
+the first is passed to the workers as SIGUSR1, a second as SIGINT, which stops them at once.
 """
 
 from __future__ import annotations
@@ -35,6 +43,18 @@ def _handle(signum: int, frame: object) -> None:
     _received.append(signum)
 
 
+def _handle_ctrl_c(signum: int, frame: object) -> None:
+    """The first Ctrl-C asks for a checkpoint and a stop; the second stops at once."""
+    if signum in _received:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+    _received.append(signum)
+    import sys
+
+    print("\nCtrl-C: stopping after a checkpoint at the next point every rank reaches; press Ctrl-C again "
+          "to stop at once (the steps since the last checkpoint are lost)", file=sys.stderr, flush=True)
+
+
 def install_early() -> None:
     """Record a SIGUSR1 from the very start of the process (a scheduler's warning may come
     while the interpreter is still importing); cheap, imports nothing."""
@@ -42,13 +62,17 @@ def install_early() -> None:
         signal.signal(signal.SIGUSR1, _handle)
 
 
-def install_handlers() -> None:
-    """From now on SIGUSR1 / SIGTERM ask for a stop instead of ending the process. Called as
-    early as possible in a run's process (a launcher starts its workers with SIGUSR1 ignored
-    until then, and repeats the signal)."""
+def install_handlers(ctrl_c: bool = True) -> None:
+    """From now on SIGUSR1 / SIGTERM ask for a stop instead of ending the process, and with
+    `ctrl_c` so does a first SIGINT (a second raises KeyboardInterrupt). Called as early as
+    possible in a run's process (a launcher starts its workers with SIGUSR1 ignored until
+    then, and repeats the signal). A torchrun worker keeps SIGINT as a stop at once: its
+    launcher turns the first Ctrl-C into SIGUSR1."""
     if threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, _handle)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, _handle_ctrl_c)
 
 
 def requested() -> str | None:
@@ -57,11 +81,14 @@ def requested() -> str | None:
 
 
 class StopSignals:
-    """While active, SIGUSR1 / SIGTERM set `received` instead of ending the process (Ctrl-C,
-    SIGINT, still stops at once)."""
+    """The stop requests of this process. Entering it makes sure SIGUSR1 / SIGTERM are
+    requests (train() called from Python); the CLI has installed the handlers already, with
+    Ctrl-C's where a terminal's Ctrl-C is this process's own."""
 
     def __enter__(self) -> StopSignals:
-        install_handlers()
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, _handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
