@@ -32,7 +32,7 @@ from scalora_dist.run.checkpoint import (
 )
 from scalora_dist.run.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
-from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs
+from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs, truncated_examples
 from scalora_dist.distributed import (
     DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed, is_collective_timeout, local_tensor,
     set_collective_timeout, silent_ranks,
@@ -307,11 +307,14 @@ def train(
             return any_rank_asks(signals.received is not None, False, run.device)[0]
 
         trainable = sum(p.numel() for p in run.params)
+        truncated = truncated_examples(run.train_loader.dataset, None if cfg.data.packing else cfg.data.max_length)
         progress.print(
             f"[bold]scalora-dist[/bold] {cfg.adapter.method} on {cfg.model.path}: "
             f"{trainable:,} trainable parameters, {run.total_steps} steps, "
             f"{dist.world_size} process(es) on {run.device.type}, {loss_description(run.model)}"
             + (", activations offloaded to the host" if cfg.model.offload_activations else "")
+            + (f", {truncated:,} of {len(run.train_loader.dataset):,} training examples truncated to "
+               f"data.max_length={cfg.data.max_length}" if truncated else "")
             + (f", resumed from {checkpoint} at step {start}" if checkpoint else "")
         )
         if stop_asked():  # asked during setup: nothing trained since the start, nothing to save
@@ -337,6 +340,8 @@ def train(
                 }
                 if cfg.train.compile:
                     record["compiled_frames"] = compiled_frame_count()
+                if truncated and not history:
+                    record["truncated_examples"] = truncated  # once, in the run's first record
                 history.append(record)
                 dropped = record.get("scalora_acc_dropped_fraction")
                 if dropped is not None and dropped > ACC_DROPPED_WARNING and not warned_dropped:

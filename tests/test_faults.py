@@ -227,3 +227,55 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
         if "RANK" in env and "LOCAL_RANK" in env and pid != launcher_pid:
             ranks.setdefault(int(env["RANK"]), pid)
     return ranks
+
+
+# -- bad inputs ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_with_exit_code_2(tiny_llama, tmp_path, write_jsonl):
+    # a sharded model whose index names a shard that is missing: found before any worker starts
+    sharded = tmp_path / "sharded"
+    made = cli("make-tiny-model", sharded, "--max-shard-size", "200KB")
+    assert made.returncode == 0, made.stderr
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[1]
+    (sharded / gone).unlink()
+    proc = train(sharded, tmp_path / "a", nproc=2)
+    assert proc.returncode == 2 and "launching" not in proc.stderr
+    _one_error_line(proc, "model.safetensors.index.json", gone)
+
+    # data.format chat with a tokenizer that has no chat template
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_llama, plain)
+    for name in ("tokenizer_config.json",):
+        config = json.loads((plain / name).read_text())
+        config.pop("chat_template", None)
+        (plain / name).write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "hello"}]}] * 8)
+    proc = train(plain, tmp_path / "b", "data.format=chat", f"data.train_files=[{chats}]", "data.packing=false")
+    assert proc.returncode == 2
+    _one_error_line(proc, "chat template")
+
+    # an output.dir on a read-only filesystem
+    if os.geteuid() == 0:
+        readonly = tmp_path / "ro"
+        readonly.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode == 0:
+            try:
+                proc = train(tiny_llama, readonly / "run")
+                assert proc.returncode == 2
+                _one_error_line(proc, "output.dir", str(readonly / "run"))
+            finally:
+                subprocess.run(["umount", "-l", str(readonly)])
+
+    # examples longer than data.max_length without packing: counted in the log (and in the run's
+    # first line, which --quiet leaves out) and in the first metrics record
+    run = tmp_path / "long"
+    proc = train(tiny_llama, run, "data.packing=false")
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["truncated_examples"] > 0
+    assert f"{first['truncated_examples']} of 3000 examples are longer than data.max_length=32 and were truncated" in proc.stderr

@@ -26,11 +26,11 @@ import datasets
 from scalora_dist.config import DataConfig, DataSource
 from scalora_dist.data import packing, sources
 from scalora_dist.data.formats import (
-    FEATURES, IGNORE_INDEX, DataError, RecordError, TokenizerInfo, fields, hash_parts, tokenize_batch,
+    IGNORE_INDEX, TOKENISED_FEATURES, DataError, RecordError, TokenizerInfo, fields, hash_parts, tokenize_batch,
 )
 from scalora_dist.data.loader import BatchLoader, count_tokens, model_inputs
 
-__all__ = ["IGNORE_INDEX", "BatchLoader", "DataError", "count_tokens", "load_split", "model_inputs"]
+__all__ = ["IGNORE_INDEX", "BatchLoader", "DataError", "count_tokens", "load_split", "model_inputs", "truncated_examples"]
 
 logger = logging.getLogger("scalora_dist.data")
 
@@ -62,7 +62,7 @@ def _tokenised(source: sources.Source, cfg: DataConfig, tok: TokenizerInfo) -> d
             with_indices=True,
             remove_columns=raw.column_names,
             fn_kwargs={"cfg_format": cfg.format, "cols": cols, "max_length": truncate_to, "tok": tok},
-            features=FEATURES,
+            features=TOKENISED_FEATURES,
             new_fingerprint=hash_parts(raw._fingerprint, cfg.format, cols, truncate_to, tok.fingerprint),
             desc=f"Tokenising ({cfg.format})",
         )
@@ -80,4 +80,21 @@ def _tokenised(source: sources.Source, cfg: DataConfig, tok: TokenizerInfo) -> d
             "%s: dropped %d of %d records with nothing to train on (empty text, or no "
             "labelled token within max_length=%d)", source.label, dropped, len(raw), cfg.max_length,
         )
+    truncated = truncated_examples(out, truncate_to)
+    if truncated:
+        logger.warning(
+            "%s: %d of %d examples are longer than data.max_length=%d and were truncated to it (the rest of "
+            "each is not trained on; data.packing=true cuts them into pieces instead)",
+            source.label, truncated, len(out), cfg.max_length,
+        )
     return out
+
+
+def truncated_examples(split: datasets.Dataset, max_length: int | None) -> int:
+    """How many examples of a tokenised, unpacked split were cut to `max_length` tokens (0
+    for packed rows: packing cuts long examples into pieces instead, and says so)."""
+    if max_length is None or "length" not in split.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.greater(split.with_format("arrow")["length"], max_length)).as_py() or 0)

@@ -44,6 +44,8 @@ FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
 })
+TOKENISED_FEATURES = datasets.Features({**FEATURES, "length": datasets.Value("int32")})
+"""A tokenised example: FEATURES, and its length before truncation to data.max_length."""
 
 _SOURCE_HASH = hashlib.blake2b(
     b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py"))), digest_size=8
@@ -216,13 +218,15 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], *, cfg_format: st
     else:
         examples = _text_examples(columns["text"], indices, cols["text"], tok)
 
-    out = {"input_ids": [], "labels": []}
+    out = {"input_ids": [], "labels": [], "length": []}
     for ids, labels in examples:
+        length = len(ids)
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
         if any(label != IGNORE_INDEX for label in labels):
             out["input_ids"].append(ids)
             out["labels"].append(labels)
+            out["length"].append(length)
     return out
 
 

@@ -17,7 +17,7 @@ from scalora_dist.config import Config
 from scalora_dist.data import BatchLoader, load_split
 from scalora_dist.model.build import check_attention, meta_model
 from scalora_dist.model.hub import resolve_model_dir
-from scalora_dist.model.loading import load_tokenizer, model_dtype
+from scalora_dist.model.loading import checkpoint_files, load_tokenizer, model_dtype
 from scalora_dist.model.lora import inject_adapters
 from scalora_dist.model.quant import require_bitsandbytes
 from scalora_dist.model.sharding import decoder_blocks, lora_A_on_dim1
@@ -33,6 +33,7 @@ def preflight(cfg: Config, world_sizes: list[int], resume: str | None, *, overwr
     if cfg.model.load_in_4bit:
         require_bitsandbytes()
     model_dir = resolve_model_dir(cfg.model)
+    checkpoint_files(model_dir)  # every shard the index names is there
     model = meta_model(model_dir, cfg.model, model_dtype(cfg.model))
     inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
     decoder_blocks(model)

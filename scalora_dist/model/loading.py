@@ -57,7 +57,16 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index when the checkpoint is sharded."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"model.path: {index} is not a safetensors index (no weight_map: {e})") from None
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+        if missing:
+            raise ConfigError(
+                f"model.path: {index} names {len(missing)} shard(s) that are not in {model_dir}: "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (an interrupted download or copy?)"
+            )
         return {k: model_dir / f for k, f in weight_map.items()}
     single = model_dir / "model.safetensors"
     if not single.is_file():
