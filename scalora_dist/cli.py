@@ -37,9 +37,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Distributed LoRA / rsLoRA / ScaLoRA fine-tuning of transformers causal LMs."""
+
+
 config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -50,6 +54,7 @@ OVERRIDES_HELP = (
     "Overrides as dotted key paths, e.g. train.lr=1e-4 adapter.rank=16 "
     "adapter.target_modules=\\[q_proj,v_proj]. Values are parsed as YAML (ints, floats, bools, lists)."
 )
+
 
 def _reflow(text: str) -> str:
     """Help text as paragraphs: the line breaks of the source are not the terminal's."""
@@ -116,61 +121,83 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     resume: Optional[str] = typer.Option(
-        None, "--resume", metavar="PATH|latest|auto",
+        None,
+        "--resume",
+        metavar="PATH|latest|auto",
         help="Resume from a checkpoint directory, or 'latest' for the newest one in "
         "output.dir/checkpoints (an error if there is none), or 'auto': the newest if any, "
         "else start fresh (for jobs restarted after a lost worker).",
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite",
+        False,
+        "--overwrite",
         help="Start afresh in an output.dir that holds a run: its logs, checkpoints and exports are "
         "removed once this run has been set up (without it, such a start is refused).",
     ),
     force_resume: bool = typer.Option(
-        False, "--force-resume",
+        False,
+        "--force-resume",
         help="Resume a checkpoint even though it was written with another model, method, data or "
         "training settings (refused otherwise, naming the keys that differ).",
     ),
     extend: bool = typer.Option(
-        False, "--extend",
+        False,
+        "--extend",
         help="Resume past the end of the checkpoint's schedule (a larger train.max_steps): the LR "
         "schedule is rebuilt over the new step count and continues at the checkpoint's step.",
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run",
+        False,
+        "--dry-run",
         help="Check the config and print the torchrun command that would run (or 'in-process' "
         "for a single-process run), then exit without training.",
     ),
     nproc_per_node: int = typer.Option(
-        1, "--nproc-per-node", min=1, rich_help_panel=LAUNCH_PANEL,
+        1,
+        "--nproc-per-node",
+        min=1,
+        rich_help_panel=LAUNCH_PANEL,
         help="Processes on this node (one per GPU). More than 1 starts a torchrun job.",
     ),
     nnodes: str = typer.Option(
-        "1", "--nnodes", rich_help_panel=LAUNCH_PANEL,
-        help="Number of nodes, or an elastic range MIN:MAX (e.g. 1:4). More than 1 needs "
-        "--rdzv-endpoint.",
+        "1",
+        "--nnodes",
+        rich_help_panel=LAUNCH_PANEL,
+        help="Number of nodes, or an elastic range MIN:MAX (e.g. 1:4). More than 1 needs --rdzv-endpoint.",
     ),
     node_rank: Optional[int] = typer.Option(
-        None, "--node-rank", min=0, rich_help_panel=LAUNCH_PANEL,
-        help="This node's rank in [0, nnodes) (optional with the c10d rendezvous, which "
-        "assigns ranks itself).",
+        None,
+        "--node-rank",
+        min=0,
+        rich_help_panel=LAUNCH_PANEL,
+        help="This node's rank in [0, nnodes) (optional with the c10d rendezvous, which assigns ranks itself).",
     ),
     rdzv_endpoint: Optional[str] = typer.Option(
-        None, "--rdzv-endpoint", metavar="HOST:PORT", rich_help_panel=LAUNCH_PANEL,
+        None,
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        rich_help_panel=LAUNCH_PANEL,
         help="Rendezvous address, the same on every node (e.g. first-node:29500).",
     ),
     rdzv_id: Optional[str] = typer.Option(
-        None, "--rdzv-id", rich_help_panel=LAUNCH_PANEL,
+        None,
+        "--rdzv-id",
+        rich_help_panel=LAUNCH_PANEL,
         help="Job id shared by all nodes. Default: $SLURM_JOB_ID (or PBS_JOBID, LSB_JOBID, "
         "JOB_ID) when set, else derived from the command line, so the same command on every "
         "node joins the same job.",
     ),
     rdzv_backend: str = typer.Option(
-        "c10d", "--rdzv-backend", rich_help_panel=LAUNCH_PANEL,
+        "c10d",
+        "--rdzv-backend",
+        rich_help_panel=LAUNCH_PANEL,
         help="torchrun rendezvous backend (c10d, static, etcd, ...).",
     ),
     max_restarts: int = typer.Option(
-        0, "--max-restarts", min=0, rich_help_panel=LAUNCH_PANEL,
+        0,
+        "--max-restarts",
+        min=0,
+        rich_help_panel=LAUNCH_PANEL,
         help="How often torchrun restarts all workers after a failure before giving up.",
     ),
 ) -> None:
@@ -187,8 +214,12 @@ def train(
         return
 
     options = LaunchOptions(
-        nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, rdzv_backend=rdzv_backend,
+        nproc_per_node=nproc_per_node,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id,
+        rdzv_backend=rdzv_backend,
         max_restarts=max_restarts,
     )
     try:
@@ -240,10 +271,10 @@ def _preflight(cfg: cfgmod.Config, options, resume: Optional[str], flags: dict) 
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
-    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
-    from scalora_dist.optim import check_optimizer
     from scalora_dist.launch.preflight import preflight
+    from scalora_dist.optim import check_optimizer
+    from scalora_dist.run.checkpoint import CheckpointError
 
     low, high = options.node_range()
     worlds = sorted({options.nproc_per_node * low, options.nproc_per_node * high})
@@ -258,7 +289,12 @@ def _preflight(cfg: cfgmod.Config, options, resume: Optional[str], flags: dict) 
 
 
 def _launch(
-    config: Path, overrides: list[str], options, quiet: bool, resume: Optional[str], dry_run: bool,
+    config: Path,
+    overrides: list[str],
+    options,
+    quiet: bool,
+    resume: Optional[str],
+    dry_run: bool,
     flags: dict,
 ) -> None:
     from scalora_dist.launch.torchrun import format_command, run_torchrun, torchrun_command
@@ -271,13 +307,12 @@ def _launch(
         return
     nodes = "" if options.nnodes == "1" else f" (node of {options.nnodes})"
     err_console.print(
-        f"launching {options.nproc_per_node} processes on this node{nodes}: "
-        f"{escape(format_command(cmd))}",
-        highlight=False, style="dim", soft_wrap=True,
+        f"launching {options.nproc_per_node} processes on this node{nodes}: {escape(format_command(cmd))}",
+        highlight=False,
+        style="dim",
+        soft_wrap=True,
     )
-    from scalora_dist.run.stopping import EXIT_REQUEUE, clear_marker, read_marker
-
-    from scalora_dist.run.stopping import requested, write_marker
+    from scalora_dist.run.stopping import EXIT_REQUEUE, clear_marker, read_marker, requested, write_marker
 
     run_dir = Path(cfgmod.load_config(config, overrides).output.dir)
     clear_marker(run_dir)
@@ -293,8 +328,15 @@ def _launch(
     _leave(code)  # the workers wrote everything; this process only checked and launched
 
 
-def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optional[str],
-                  overwrite: bool, force_resume: bool, extend: bool) -> None:
+def _train_worker(
+    config: Path,
+    overrides: list[str],
+    quiet: bool,
+    resume: Optional[str],
+    overwrite: bool,
+    force_resume: bool,
+    extend: bool,
+) -> None:
     from scalora_dist.run.stopping import install_handlers
 
     install_handlers(ctrl_c=False)  # SIGUSR1 / SIGTERM: checkpoint, then stop; SIGINT (a second Ctrl-C): at once
@@ -309,22 +351,25 @@ def _train_worker(config: Path, overrides: list[str], quiet: bool, resume: Optio
         console.print(f"torchrun job of {world} processes (output from rank 0)", highlight=False)
     code = 0
     try:
-        _run_training(cfg, quiet, resume, rank=rank, prefix=prefix,
-                      overwrite=overwrite, force_resume=force_resume, extend=extend)
+        _run_training(
+            cfg, quiet, resume, rank=rank, prefix=prefix, overwrite=overwrite, force_resume=force_resume, extend=extend
+        )
     except typer.Exit as e:
         code = e.exit_code
     _leave(code)  # the process group is gone too
 
 
-def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: int, prefix: str,
-                  **flags: bool) -> None:
+def _run_training(
+    cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: int, prefix: str, **flags: bool
+) -> None:
     from scalora_dist.metrics import quiet_libraries
 
     quiet_libraries()
-    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
     from scalora_dist.distributed import destroy_distributed
-    from scalora_dist.train import TrainingError, train as run_training
+    from scalora_dist.run.checkpoint import CheckpointError
+    from scalora_dist.train import TrainingError
+    from scalora_dist.train import train as run_training
 
     finished = False
     try:
@@ -361,8 +406,9 @@ def _run_training(cfg: cfgmod.Config, quiet: bool, resume: Optional[str], rank: 
     if result.nothing_to_do:
         from scalora_dist.run.rundir import Start, nothing_to_do_message
 
-        console.print(nothing_to_do_message(Start(result.checkpoint, {"step": result.first_step}), result.steps),
-                      highlight=False)
+        console.print(
+            nothing_to_do_message(Start(result.checkpoint, {"step": result.first_step}), result.steps), highlight=False
+        )
         return
     console.print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}", highlight=False)
     if result.eval_loss is not None:
@@ -384,30 +430,43 @@ def slurm(
     config: Path = typer.Argument(..., help="YAML config file."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     nodes: int = typer.Option(1, "--nodes", "-N", help="Number of nodes."),
-    gpus_per_node: int = typer.Option(
-        1, "--gpus-per-node", "-G", help="Processes (= GPUs) per node."
-    ),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", "-G", help="Processes (= GPUs) per node."),
     request_gpus: bool = typer.Option(
-        True, "--request-gpus/--no-request-gpus",
+        True,
+        "--request-gpus/--no-request-gpus",
         help="Put #SBATCH --gpus-per-node in the script (--no-request-gpus for CPU partitions).",
     ),
     partition: Optional[str] = typer.Option(None, "--partition", "-p"),
-    time_limit: Optional[str] = typer.Option("24:00:00", "--time", "-t", help="Time limit (HH:MM:SS, D-HH:MM:SS, minutes)."),
+    time_limit: Optional[str] = typer.Option(
+        "24:00:00", "--time", "-t", help="Time limit (HH:MM:SS, D-HH:MM:SS, minutes)."
+    ),
     account: Optional[str] = typer.Option(None, "--account", "-A"),
     job_name: Optional[str] = typer.Option(None, "--job-name", "-J", help="Default: scalora-<output dir name>."),
-    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", "-c", help="CPUs for each node's task (all its workers)."),
+    cpus_per_task: Optional[int] = typer.Option(
+        None, "--cpus-per-task", "-c", help="CPUs for each node's task (all its workers)."
+    ),
     mem: Optional[str] = typer.Option(None, "--mem", help="Memory per node, e.g. 200G."),
     max_restarts: int = typer.Option(3, "--max-restarts", help="torchrun restarts after a failed worker."),
-    rdzv_port: Optional[int] = typer.Option(None, "--rdzv-port", help="Rendezvous port (default 20000 + job id % 10000)."),
-    join_timeout: int = typer.Option(1800, "--join-timeout", help="Seconds the nodes wait for each other at the rendezvous."),
+    rdzv_port: Optional[int] = typer.Option(
+        None, "--rdzv-port", help="Rendezvous port (default 20000 + (job id + 997 x restart count) % 10000)."
+    ),
+    join_timeout: int = typer.Option(
+        1800, "--join-timeout", help="Seconds the nodes wait for each other at the rendezvous."
+    ),
     python: Optional[str] = typer.Option(
-        None, "--python", help="Interpreter the job runs (must have scalora_dist installed). "
-        "Default: the one running this command.",
+        None,
+        "--python",
+        help="Interpreter the job runs (must have scalora_dist installed). Default: the one running this command.",
     ),
     signal_margin: Optional[int] = typer.Option(
-        None, "--signal-margin", help="Seconds before the time limit at which the job gets SIGUSR1 and checkpoints "
-        "(default: 3 x (the slowest step + save measured in output.dir) + 60 s, else 300 s)."),
-    max_requeues: int = typer.Option(3, "--max-requeues", min=1, help="Stop requeueing after this many stops in a row without a new checkpoint."),
+        None,
+        "--signal-margin",
+        help="Seconds before the time limit at which the job gets SIGUSR1 and checkpoints "
+        "(default: 3 x (the slowest step + save measured in output.dir) + 60 s, else 300 s).",
+    ),
+    max_requeues: int = typer.Option(
+        3, "--max-requeues", min=1, help="Stop requeueing after this many stops in a row without a new checkpoint."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the script; write and submit nothing."),
     submit: bool = typer.Option(True, "--submit/--no-submit", help="Submit with sbatch after writing."),
 ) -> None:
@@ -422,13 +481,24 @@ def slurm(
     cwd = Path.cwd().resolve()
     run_dir_abs = run_dir if run_dir.is_absolute() else cwd / run_dir
     options = SbatchOptions(
-        nodes=nodes, gpus_per_node=gpus_per_node, request_gpus=request_gpus, partition=partition,
-        time=time_limit, account=account,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        request_gpus=request_gpus,
+        partition=partition,
+        time=time_limit,
+        account=account,
         job_name=job_name or "scalora-" + (run_dir_abs.name or "run"),
-        cpus_per_task=cpus_per_task, mem=mem, max_restarts=max_restarts,
-        config=str(config.resolve()), overrides=list(overrides or []),
-        output=str(run_dir_abs / "slurm-%j.out"), chdir=str(cwd), python=python or sys.executable,
-        join_timeout_s=join_timeout, rdzv_port=rdzv_port, max_requeues=max_requeues,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        max_restarts=max_restarts,
+        config=str(config.resolve()),
+        overrides=list(overrides or []),
+        output=str(run_dir_abs / "slurm-%j.out"),
+        chdir=str(cwd),
+        python=python or sys.executable,
+        join_timeout_s=join_timeout,
+        rdzv_port=rdzv_port,
+        max_requeues=max_requeues,
         signal_margin_s=signal_margin or default_signal_margin(run_dir_abs, time_limit),
     )
     try:
@@ -484,14 +554,13 @@ def config_keys() -> None:
     console.print("The method behind the adapter keys: docs/method.md in the repository.", highlight=False)
 
 
-MODEL_HELP = ("A merged checkpoint directory, a run directory (its merged/), a base model with --adapter, "
-              "or a hub id.")
+MODEL_HELP = "A merged checkpoint directory, a run directory (its merged/), a base model with --adapter, or a hub id."
 
 
 def _inference_errors(fn):
     """Run fn, turning our errors into one message and exit code 2."""
-    from scalora_dist.run.checkpoint import CheckpointError
     from scalora_dist.data import DataError
+    from scalora_dist.run.checkpoint import CheckpointError
 
     try:
         return fn()
@@ -502,9 +571,17 @@ def _inference_errors(fn):
 @app.command("generate")
 def generate_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (or, with --chat, the first user turn)."),
-    chat: bool = typer.Option(False, "--chat", help="Apply the tokenizer's chat template: a conversation on a terminal, one turn read from stdin otherwise."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter directory (or a LoRA run directory) to load onto MODEL."),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", help="Text to continue (or, with --chat, the first user turn)."
+    ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="Apply the tokenizer's chat template: a conversation on a terminal, one turn read from stdin otherwise.",
+    ),
+    adapter: Optional[str] = typer.Option(
+        None, "--adapter", help="A PEFT adapter directory (or a LoRA run directory) to load onto MODEL."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
@@ -541,28 +618,40 @@ def generate_cmd(
         new = generate(loaded.model, loaded.tokenizer, ids, sampling, stream=streamer)
         if not interactive:
             break
-        history += [{"role": "user", "content": text},
-                    {"role": "assistant", "content": loaded.tokenizer.decode(new, skip_special_tokens=True)}]
+        history += [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": loaded.tokenizer.decode(new, skip_special_tokens=True)},
+        ]
         text = ""
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Held-out data (a file, dataset folder or hub id; repeatable). Default: a run directory's data.eval_files."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="text | instruction | alpaca | chat | sharegpt (default: the run's, else text)."),
+    data: Optional[list[str]] = typer.Option(
+        None,
+        "--data",
+        help="Held-out data (a file, dataset folder or hub id; repeatable). "
+        "Default: a run directory's data.eval_files.",
+    ),
+    data_format: Optional[str] = typer.Option(
+        None, "--format", help="text | instruction | alpaca | chat | sharegpt (default: the run's, else text)."
+    ),
     split: str = typer.Option("train", "--split", help="Split of a dataset folder or hub dataset."),
     max_length: Optional[int] = typer.Option(None, "--max-length"),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="A PEFT adapter to load onto MODEL."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'scalora-dist[eval]')."),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="lm-evaluation-harness tasks, comma-separated (pip install 'scalora-dist\\[eval]')."
+    ),
     include_path: Optional[str] = typer.Option(None, "--include-path", help="A folder of local lm-eval YAML tasks."),
     limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: examples per task (or a fraction)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results as JSON here."),
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit"),
     dtype: str = typer.Option("auto", "--dtype"),
 ) -> None:
-    """Score a trained model: held-out loss, perplexity and labelled tokens through the training data pipeline, and/or lm-evaluation-harness tasks."""
+    """Score a trained model: held-out loss, perplexity and labelled tokens through the
+    training data pipeline, and/or lm-evaluation-harness tasks."""
     import json as _json
 
     import yaml
@@ -580,17 +669,34 @@ def eval_cmd(
     entries = [DataSource(path=d, split=split) for d in data] if data else run_data.get("eval_files") or []
     if entries:
         fields = {k: v for k, v in run_data.items() if k in {f.name for f in dataclasses.fields(DataConfig)}}
-        fields.update({k: v for k, v in (("format", data_format), ("max_length", max_length), ("packing", packing)) if v is not None})
-        data_cfg = _inference_errors(lambda: cfgmod._build(DataConfig, {**fields, "train_files": [], "eval_files": []}, "data."))
+        fields.update(
+            {
+                k: v
+                for k, v in (("format", data_format), ("max_length", max_length), ("packing", packing))
+                if v is not None
+            }
+        )
+        data_cfg = _inference_errors(
+            lambda: cfgmod._build(DataConfig, {**fields, "train_files": [], "eval_files": []}, "data.")
+        )
         loss = _inference_errors(lambda: held_out_loss(loaded, entries, data_cfg))
         results["held_out"] = loss
-        console.print(f"held-out: loss {loss['eval_loss']:.4f}  ppl {loss['eval_ppl']:.2f}  "
-                      f"{loss['labelled_tokens']:,} labelled tokens in {loss['examples']:,} sequences", highlight=False)
+        console.print(
+            f"held-out: loss {loss['eval_loss']:.4f}  ppl {loss['eval_ppl']:.2f}  "
+            f"{loss['labelled_tokens']:,} labelled tokens in {loss['examples']:,} sequences",
+            highlight=False,
+        )
     if tasks:
-        metrics, table = _inference_errors(lambda: run_lm_eval(
-            loaded, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path, limit=limit))
-        results["lm_eval"] = {"results": metrics["results"], "versions": metrics.get("versions", {}),
-                              "n-shot": metrics.get("n-shot", {})}
+        metrics, table = _inference_errors(
+            lambda: run_lm_eval(
+                loaded, [t.strip() for t in tasks.split(",") if t.strip()], include_path=include_path, limit=limit
+            )
+        )
+        results["lm_eval"] = {
+            "results": metrics["results"],
+            "versions": metrics.get("versions", {}),
+            "n-shot": metrics.get("n-shot", {}),
+        }
         console.print(table, highlight=False)
     if not entries and not tasks:
         _fail("nothing to evaluate: give --data (or a run directory with data.eval_files), or --tasks")
@@ -603,20 +709,28 @@ def eval_cmd(
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint directory (output.dir/checkpoints/step-XXXXXXXX)."),
-    out: Path = typer.Option(..., "--out", help="Directory to write merged/ (and, for LoRA, adapter/) into, as a run directory holds them."),
-    model_path: Optional[str] = typer.Option(None, "--model-path", help="The base model, if not where the run's model.path says."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory to write merged/ (and, for LoRA, adapter/) into, as a run directory holds them."
+    ),
+    model_path: Optional[str] = typer.Option(
+        None, "--model-path", help="The base model, if not where the run's model.path says."
+    ),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the run's)."),
 ) -> None:
-    """Write a merged transformers checkpoint (and, for LoRA runs, the PEFT adapter) from any checkpoint of a run: offline, in this one process, whatever the number of ranks that wrote it."""
-    from scalora_dist.run.export import export_checkpoint, export_checkpoint_adapter
+    """Write a merged transformers checkpoint (and, for LoRA runs, the PEFT adapter) from any
+    checkpoint of a run: offline, in this one process, whatever the number of ranks that wrote it."""
     from scalora_dist.metrics import quiet_libraries
     from scalora_dist.model.loading import DTYPES
+    from scalora_dist.run.export import export_checkpoint, export_checkpoint_adapter
 
     quiet_libraries()
     if dtype is not None and dtype not in DTYPES:
         _fail(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    merged = _inference_errors(lambda: export_checkpoint(
-        checkpoint, out / "merged", model_path=model_path, dtype=DTYPES[dtype] if dtype else None))
+    merged = _inference_errors(
+        lambda: export_checkpoint(
+            checkpoint, out / "merged", model_path=model_path, dtype=DTYPES[dtype] if dtype else None
+        )
+    )
     console.print(f"merged checkpoint in {merged}", highlight=False)
     adapter = _inference_errors(lambda: export_checkpoint_adapter(checkpoint, out / "adapter", model_path=model_path))
     if adapter is not None:
@@ -629,7 +743,8 @@ def plot_cmd(
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     title: Optional[str] = typer.Option(None, "--title"),
 ) -> None:
-    """Plot several runs side by side, aligned by step: training loss, held-out loss, learning rate and, for ScaLoRA, the column / scalar / skipped shares of refactors."""
+    """Plot several runs side by side, aligned by step: training loss, held-out loss, learning
+    rate and, for ScaLoRA, the column / scalar / skipped shares of refactors."""
     from scalora_dist.plot import plot_runs
 
     _inference_errors(lambda: plot_runs(runs, out, title))
@@ -641,8 +756,9 @@ def make_tiny_model(
     out: Path = typer.Argument(..., help="Directory to write the checkpoint and tokenizer to."),
     arch: str = typer.Option("llama", help="llama | mistral | qwen2 | qwen3 | gemma3 | gemma3-multimodal"),
     corpus: Optional[list[Path]] = typer.Option(
-        None, help="Text files (JSONL with a text field, or .txt) to train the tokenizer on; "
-        "default: the shipped quickstart corpus."
+        None,
+        help="Text files (JSONL with a text field, or .txt) to train the tokenizer on; "
+        "default: the shipped quickstart corpus.",
     ),
     vocab_size: int = typer.Option(512),
     hidden_size: int = typer.Option(256),
@@ -656,7 +772,8 @@ def make_tiny_model(
     ),
     seed: int = typer.Option(0),
 ) -> None:
-    """Build a small random-weight causal LM and an offline-trained tokenizer, saved as a normal transformers checkpoint (no hub download)."""
+    """Build a small random-weight causal LM and an offline-trained tokenizer, saved as a
+    normal transformers checkpoint (no hub download)."""
     from scalora_dist.model.tiny import ARCHITECTURES
     from scalora_dist.model.tiny import make_tiny_model as build
 
@@ -666,10 +783,18 @@ def make_tiny_model(
     if missing:
         _fail(f"--corpus: file not found: {', '.join(missing)}")
     path = build(
-        out, arch=arch, corpus_files=[str(p) for p in corpus] if corpus else None,
-        vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        tie_word_embeddings=tie_word_embeddings, max_shard_size=max_shard_size, seed=seed,
+        out,
+        arch=arch,
+        corpus_files=[str(p) for p in corpus] if corpus else None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        max_shard_size=max_shard_size,
+        seed=seed,
     )
     console.print(f"wrote a tiny {arch} model to {path}", highlight=False)
 

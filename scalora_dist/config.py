@@ -98,7 +98,7 @@ class ScaLoRAConfig:
     kappa_scope: Literal["global", "layer"] = "global"
     """With `kappa: auto`: one kappa from every layer's columns (`global`), or each layer its
     own, from its own columns (`layer`; a layer whose adapter is still zero then takes the
-    global value). On the real model the two were the same (README, "Measured results")."""
+    global value). On the real model the two were the same (tools/studies/README.md)."""
     accumulator_rank: int = 64
     """4-bit bases only: rank R of the float32 low-rank accumulator that holds the merged
     update (requantising 4-bit codes would drop it); re-compressed to its best rank-R
@@ -347,9 +347,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if f"{prefix}{key}" in RENAMED_KEYS:
             raise ConfigError(f"'{prefix}{key}' was renamed '{RENAMED_KEYS[prefix + key]}'")
         if key not in names:
-            raise ConfigError(
-                f"unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name in names:
         if name not in raw:
@@ -472,8 +470,7 @@ def validate(config: Config) -> None:
         )
     if m.load_in_4bit and a.method == "full":
         raise ConfigError(
-            "adapter.method: full fine-tuning cannot train a 4-bit base (model.load_in_4bit); "
-            "use lora or scalora"
+            "adapter.method: full fine-tuning cannot train a 4-bit base (model.load_in_4bit); use lora or scalora"
         )
     if a.method == "scalora" and t.weight_decay > 0:
         raise ConfigError(
@@ -552,7 +549,7 @@ def to_yaml(config: Config) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal after each field), for --help and the README."""
+    """Field docstrings (the string literal after each field), for --help and docs/config.md."""
     import ast
     import inspect
 

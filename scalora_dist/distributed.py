@@ -87,7 +87,9 @@ SETUP_TIMEOUT_MINUTES = 30.0
 while the others wait in a barrier. Training then uses train.collective_timeout_s."""
 
 
-def init_distributed(timeout_minutes: float = SETUP_TIMEOUT_MINUTES, flight_recorder_dir: Path | None = None) -> DistInfo:
+def init_distributed(
+    timeout_minutes: float = SETUP_TIMEOUT_MINUTES, flight_recorder_dir: Path | None = None
+) -> DistInfo:
     """Initialise the process group when started by torchrun (NCCL on CUDA, gloo on CPU);
     otherwise a one-process DistInfo on the best local device. On CUDA, NCCL's flight
     recorder keeps each rank's last collectives and dumps them on a timeout into
@@ -124,9 +126,12 @@ def enable_flight_recorder(directory: Path) -> None:
     collective each rank was in (read it with `python -m torch.distributed.flight_recorder.fr_trace`).
     Settings a user has made in the environment are kept."""
     directory.mkdir(parents=True, exist_ok=True)
-    for key, value in (("TORCH_NCCL_TRACE_BUFFER_SIZE", "20000"), ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
-                       ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(directory / "nccl_trace_rank_")),
-                       ("TORCH_FR_DUMP_TEMP_FILE", str(directory / "nccl_trace_rank_"))):
+    for key, value in (
+        ("TORCH_NCCL_TRACE_BUFFER_SIZE", "20000"),
+        ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"),
+        ("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(directory / "nccl_trace_rank_")),
+        ("TORCH_FR_DUMP_TEMP_FILE", str(directory / "nccl_trace_rank_")),
+    ):
         os.environ.setdefault(key, value)
 
 

@@ -15,11 +15,11 @@ loading); the model runs on the GPU when there is one, else on the CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,8 +66,14 @@ def resolve_model_arg(spec: str, adapter: str | None = None) -> tuple[str, str |
     return spec, None, run_dir
 
 
-def load_model(spec: str, adapter: str | None = None, *, load_in_4bit: bool = False,
-               dtype: str = "auto", device: str = DEFAULT_DEVICE) -> Loaded:
+def load_model(
+    spec: str,
+    adapter: str | None = None,
+    *,
+    load_in_4bit: bool = False,
+    dtype: str = "auto",
+    device: str = DEFAULT_DEVICE,
+) -> Loaded:
     """The model MODEL names, in eval mode, ready to generate or score."""
     from transformers import AutoModelForCausalLM
 
@@ -76,8 +82,11 @@ def load_model(spec: str, adapter: str | None = None, *, load_in_4bit: bool = Fa
 
     base, adapter_dir, run_dir = resolve_model_arg(spec, adapter)
     model_dir = resolve_model_dir(ModelConfig(path=base))
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (
-        torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
+    torch_dtype = (
+        DTYPES[dtype]
+        if dtype != "auto"
+        else (torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32)
+    )
     extra = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -85,10 +94,16 @@ def load_model(spec: str, adapter: str | None = None, *, load_in_4bit: bool = Fa
         from scalora_dist.model.quant import require_bitsandbytes
 
         require_bitsandbytes()
-        extra = {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_storage=torch_dtype,
-        ), "device_map": {"": device}}
+        extra = {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype,
+                bnb_4bit_quant_storage=torch_dtype,
+            ),
+            "device_map": {"": device},
+        }
     with _refusing_pickles(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra)
     if not load_in_4bit:
@@ -116,8 +131,10 @@ def _refusing_pickles(where) -> Iterator[None]:
         yield
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "not only tensors")
-        raise ConfigError(f"MODEL: refusing to load the weights in {where}: a pickle file there holds objects "
-                          f"other than tensors, which could run code ({detail})") from None
+        raise ConfigError(
+            f"MODEL: refusing to load the weights in {where}: a pickle file there holds objects "
+            f"other than tensors, which could run code ({detail})"
+        ) from None
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -158,17 +175,23 @@ def generate(model: nn.Module, tokenizer, ids: torch.Tensor, sampling: Sampling,
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                         use_cache=True, **kwargs)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), use_cache=True, **kwargs
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 # -- held-out loss -------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, max_batches: int = 0,
-             stop_asked: Callable[[], bool] | None = None) -> float | None:
+def evaluate(
+    model: nn.Module,
+    loader: BatchLoader,
+    device: torch.device,
+    max_batches: int = 0,
+    stop_asked: Callable[[], bool] | None = None,
+) -> float | None:
     """Mean loss per labelled token over the eval set (all ranks' shares together). Ranks
     with fewer batches run masked copies, since FSDP2 needs every rank in every forward.
     `stop_asked` (a collective, so every rank calls it for every batch) cuts it short: None."""
@@ -214,15 +237,21 @@ def held_out_loss(loaded: Loaded, data: list, data_cfg: DataConfig, micro_batch_
     model = loaded.model
     model.config.use_cache = False
     loss = evaluate(model, loader, device)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "labelled_tokens": labelled,
-            "examples": len(split)}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "labelled_tokens": labelled, "examples": len(split)}
 
 
 # -- lm-evaluation-harness ------------------------------------------------------------------
 
 
-def run_lm_eval(loaded: Loaded, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
-                batch_size: int = 4, num_fewshot: int | None = None) -> tuple[dict, str]:
+def run_lm_eval(
+    loaded: Loaded,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    limit: float | None = None,
+    batch_size: int = 4,
+    num_fewshot: int | None = None,
+) -> tuple[dict, str]:
     """lm-evaluation-harness on the loaded model, in this process: (results, table). Task
     data comes from the hub unless the task is a local YAML task (`include_path`)."""
     try:
@@ -237,8 +266,17 @@ def run_lm_eval(loaded: Loaded, tasks: list[str], *, include_path: str | None = 
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm-eval ls tasks`; "
-                          "a local YAML task needs --include-path DIR)")
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
+        raise ConfigError(
+            f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm-eval ls tasks`; "
+            "a local YAML task needs --include-path DIR)"
+        )
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     return results, make_table(results)

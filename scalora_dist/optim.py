@@ -44,8 +44,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig, distributed: b
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigError(
-            f"train.optimizer: {cfg.optimizer} needs the bitsandbytes package "
-            "(pip install 'scalora-dist[quant]')"
+            f"train.optimizer: {cfg.optimizer} needs the bitsandbytes package (pip install 'scalora-dist[quant]')"
         ) from None
     return getattr(bnb.optim, BNB_OPTIMIZERS[cfg.optimizer])(params, **kwargs)
 

@@ -42,8 +42,9 @@ def run_label(config: dict) -> str:
     method = adapter.get("method", "?")
     if method == "full":
         return "full fine-tuning"
-    name = {"lora": "rsLoRA" if adapter.get("use_rslora") else "LoRA",
-            "scalora": "ScaLoRA", "relora": "ReLoRA"}.get(method, method)
+    name = {"lora": "rsLoRA" if adapter.get("use_rslora") else "LoRA", "scalora": "ScaLoRA", "relora": "ReLoRA"}.get(
+        method, method
+    )
     interval = adapter.get("scalora", {}).get("interval", 1)
     if method == "scalora" and interval > 1:
         name += f"-I (I={interval})"
@@ -93,11 +94,18 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None):
             eval_ax.plot(run.eval_steps, run.eval_loss, marker="o", label=run.label)
         lr_ax.plot(run.steps, run.lr, label=run.label)
         if run.refactor_steps:
-            for series, kind, style in ((run.column, "column", "-"), (run.scalar, "scalar", "--"),
-                                        (run.skipped, "skipped", ":")):
+            for series, kind, style in (
+                (run.column, "column", "-"),
+                (run.scalar, "scalar", "--"),
+                (run.skipped, "skipped", ":"),
+            ):
                 kind_ax.plot(run.refactor_steps, series, style, label=f"{run.label}: {kind}")
-    for ax, name in ((loss_ax, "training loss"), (eval_ax, "held-out loss"), (lr_ax, "learning rate"),
-                     (kind_ax, "ScaLoRA refactors (share of layers)")):
+    for ax, name in (
+        (loss_ax, "training loss"),
+        (eval_ax, "held-out loss"),
+        (lr_ax, "learning rate"),
+        (kind_ax, "ScaLoRA refactors (share of layers)"),
+    ):
         ax.set_title(name)
         ax.set_xlabel("step")
         if ax.lines:

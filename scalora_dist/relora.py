@@ -46,9 +46,7 @@ def with_rewarmup(schedule: Callable[[int], float], cfg: ReLoRAConfig) -> Callab
 class ReLoRA:
     """Restarts the adapters of `layers` ({module name: layer}) every `restart_every` steps."""
 
-    def __init__(
-        self, cfg: ReLoRAConfig, layers: dict[str, LoRALinear], optimizer: torch.optim.Optimizer, seed: int
-    ):
+    def __init__(self, cfg: ReLoRAConfig, layers: dict[str, LoRALinear], optimizer: torch.optim.Optimizer, seed: int):
         self.cfg = cfg
         self.layers = layers
         self.optimizer = optimizer

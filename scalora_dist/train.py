@@ -17,29 +17,33 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import is_initialized as dist_is_initialized
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from scalora_dist.run.checkpoint import (
-    estimated_checkpoint_bytes, latest_checkpoint, load_checkpoint, save_checkpoint, warn_if_short_of_space,
-)
-from scalora_dist.run.export import export_merged
 from scalora_dist.config import Config, to_dict, to_yaml
 from scalora_dist.data import BatchLoader, count_tokens, load_split, model_inputs, truncated_examples
 from scalora_dist.distributed import (
-    DistInfo, all_reduce_max, all_reduce_sum_, barrier, init_distributed, is_collective_timeout, local_tensor,
-    set_collective_timeout, silent_ranks,
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum_,
+    barrier,
+    init_distributed,
+    is_collective_timeout,
+    local_tensor,
+    set_collective_timeout,
+    silent_ranks,
 )
-from torch.distributed import is_initialized as dist_is_initialized
-from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.inference import Sampling, evaluate, generate, move_to, prompt_ids
+from scalora_dist.metrics import MetricsWriter, ProgressDisplay, format_eval, peak_rss_mib
 from scalora_dist.model.build import build_model
 from scalora_dist.model.chunked_loss import loss_description
 from scalora_dist.model.compile import compiled_frame_count
@@ -48,6 +52,14 @@ from scalora_dist.model.loading import load_tokenizer, model_dtype
 from scalora_dist.model.lora import lora_layers, save_peft_adapter
 from scalora_dist.optim import build_optimizer, lr_multiplier
 from scalora_dist.relora import ReLoRA, with_rewarmup
+from scalora_dist.run.checkpoint import (
+    estimated_checkpoint_bytes,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    warn_if_short_of_space,
+)
+from scalora_dist.run.export import export_merged
 from scalora_dist.run.rundir import clear_run, nothing_to_do, plan_start
 from scalora_dist.run.stopping import SaveClock, StopSignals, any_rank_asks, clear_marker, write_marker
 from scalora_dist.scalora.refactor import RefactorReport, ScaLoRA
@@ -128,8 +140,14 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
 
     def loader(files: list[str], train: bool) -> BatchLoader:
         return BatchLoader(
-            load_split(cfg.data, tokenizer, files), cfg.train.micro_batch_size, tokenizer.pad_token_id,
-            seed=cfg.train.seed, shuffle=train, drop_last=train, rank=dist.rank, world_size=dist.world_size,
+            load_split(cfg.data, tokenizer, files),
+            cfg.train.micro_batch_size,
+            tokenizer.pad_token_id,
+            seed=cfg.train.seed,
+            shuffle=train,
+            drop_last=train,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
 
     train_loader = loader(cfg.data.train_files, train=True)
@@ -142,7 +160,9 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     scalora = None
     if cfg.adapter.method == "scalora":
         scalora = ScaLoRA(
-            cfg.adapter.scalora, list(lora_layers(model).values()), optimizer,
+            cfg.adapter.scalora,
+            list(lora_layers(model).values()),
+            optimizer,
             all_reduce=all_reduce_sum_ if dist.distributed else None,
             lr_multiplier=scheduler.lr_lambdas[0],
         )
@@ -150,8 +170,18 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     if cfg.adapter.method == "relora":
         relora = ReLoRA(cfg.adapter.relora, lora_layers(model), optimizer, seed=cfg.train.seed)
     return Run(
-        cfg, dist, tokenizer, model, params, optimizer, scheduler,
-        train_loader, eval_loader, scalora, total_steps, relora,
+        cfg,
+        dist,
+        tokenizer,
+        model,
+        params,
+        optimizer,
+        scheduler,
+        train_loader,
+        eval_loader,
+        scalora,
+        total_steps,
+        relora,
     )
 
 
@@ -189,15 +219,22 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.scalora is not None:
         run.scalora.prepare(step)
     loss, tokens, labelled = forward_backward(
-        run.model, run.train_loader, run.cfg.train.grad_accum_steps, run.device,
+        run.model,
+        run.train_loader,
+        run.cfg.train.grad_accum_steps,
+        run.device,
         offload_activations=run.cfg.model.offload_activations,
     )
     # Checked before the refactor: a non-finite gradient would be merged into the base.
     grad_norm = total_grad_norm(run.params) if math.isfinite(loss) else float("nan")
     if not math.isfinite(grad_norm):
-        what = f"loss is {loss}" if not math.isfinite(loss) else (
-            f"the loss is finite but the gradients are not ({first_nonfinite_grad(run.model)} "
-            "has the first non-finite gradient)"
+        what = (
+            f"loss is {loss}"
+            if not math.isfinite(loss)
+            else (
+                f"the loss is finite but the gradients are not ({first_nonfinite_grad(run.model)} "
+                "has the first non-finite gradient)"
+            )
         )
         if run.cfg.train.on_nonfinite_loss == "stop":
             raise TrainingError(
@@ -243,8 +280,9 @@ def first_nonfinite_grad(model: nn.Module) -> str:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     device = named[0][1].grad.device if named else torch.device("cpu")
     flags = torch.tensor(
-        [float(not torch.isfinite(local_tensor(p.grad)).all())
-         for _, p in named], dtype=torch.float64, device=device,
+        [float(not torch.isfinite(local_tensor(p.grad)).all()) for _, p in named],
+        dtype=torch.float64,
+        device=device,
     )
     if dist_is_initialized():
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -253,8 +291,13 @@ def first_nonfinite_grad(model: nn.Module) -> str:
 
 
 def train(
-    cfg: Config, show_progress: bool = True, resume: str | None = None, *,
-    overwrite: bool = False, force_resume: bool = False, extend: bool = False,
+    cfg: Config,
+    show_progress: bool = True,
+    resume: str | None = None,
+    *,
+    overwrite: bool = False,
+    force_resume: bool = False,
+    extend: bool = False,
 ) -> TrainResult:
     """Run the recipe. `resume`: "latest" or a checkpoint path (an error if there is none),
     or "auto": the latest checkpoint if there is one, else a fresh start (what a job that
@@ -269,8 +312,15 @@ def train(
     checkpoint = begin.checkpoint
     run = setup(cfg, dist)
     if nothing_to_do(begin, run.total_steps, extend):
-        return TrainResult(run_dir, run.total_steps, float("nan"), None, nothing_to_do=True,
-                           checkpoint=checkpoint, first_step=begin.step)
+        return TrainResult(
+            run_dir,
+            run.total_steps,
+            float("nan"),
+            None,
+            nothing_to_do=True,
+            checkpoint=checkpoint,
+            first_step=begin.step,
+        )
     # The run is set up: only now is anything in the run directory written or removed.
     if dist.is_main:
         if checkpoint is None:
@@ -299,8 +349,11 @@ def train(
     path = checkpoint
     at = {"step": start + 1, "where": "before step"}  # where the run is, for a collective that times out
     set_collective_timeout(cfg.train.collective_timeout_s)
-    with StopSignals() as signals, collective_timeouts(at, cfg.train.collective_timeout_s, ckpt_root), \
-            ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main, start=start) as progress:
+    with (
+        StopSignals() as signals,
+        collective_timeouts(at, cfg.train.collective_timeout_s, ckpt_root),
+        ProgressDisplay(run.total_steps, enabled=show_progress and dist.is_main, start=start) as progress,
+    ):
 
         def stop_asked() -> bool:
             """Whether any rank got a stop request (a collective: every rank calls it at the same point)."""
@@ -313,8 +366,12 @@ def train(
             f"{trainable:,} trainable parameters, {run.total_steps} steps, "
             f"{dist.world_size} process(es) on {run.device.type}, {loss_description(run.model)}"
             + (", activations offloaded to the host" if cfg.model.offload_activations else "")
-            + (f", {truncated:,} of {len(run.train_loader.dataset):,} training examples truncated to "
-               f"data.max_length={cfg.data.max_length}" if truncated else "")
+            + (
+                f", {truncated:,} of {len(run.train_loader.dataset):,} training examples truncated to "
+                f"data.max_length={cfg.data.max_length}"
+                if truncated
+                else ""
+            )
             + (f", resumed from {checkpoint} at step {start}" if checkpoint else "")
         )
         if stop_asked():  # asked during setup: nothing trained since the start, nothing to save
@@ -351,7 +408,9 @@ def train(
                         "window's ScaLoRA merges (they hold more than their rank): every refactor "
                         "now changes the function a little; raise adapter.scalora.accumulator_rank "
                         "(scalora_acc_dropped_fraction in metrics.jsonl tracks it; warned once)",
-                        done, cfg.adapter.scalora.accumulator_rank, 100 * dropped,
+                        done,
+                        cfg.adapter.scalora.accumulator_rank,
+                        100 * dropped,
                     )
                 if writer is not None:
                     writer.log_train(record)
@@ -383,8 +442,12 @@ def train(
         if stopped is not None:
             if dist.is_main:
                 write_marker(run_dir, stopped[0], stopped[1], path)
-            log.warning("stopped at step %d on %s%s; run again with --resume auto to continue", stopped[0],
-                        stopped[1], f", after writing {path}" if path is not None else " (nothing to save yet)")
+            log.warning(
+                "stopped at step %d on %s%s; run again with --resume auto to continue",
+                stopped[0],
+                stopped[1],
+                f", after writing {path}" if path is not None else " (nothing to save yet)",
+            )
         else:
             at["where"] = "exporting after step"
             export(run, run_dir)
@@ -392,8 +455,16 @@ def train(
     if writer is not None:
         writer.close()
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(run_dir, run.total_steps, final_loss, eval_loss, history, checkpoint=checkpoint,
-                       first_step=start, stopped_at=stopped[0] if stopped is not None else None)
+    return TrainResult(
+        run_dir,
+        run.total_steps,
+        final_loss,
+        eval_loss,
+        history,
+        checkpoint=checkpoint,
+        first_step=start,
+        stopped_at=stopped[0] if stopped is not None else None,
+    )
 
 
 @contextlib.contextmanager
@@ -406,8 +477,7 @@ def collective_timeouts(at: dict[str, Any], timeout_s: float, ckpt_root: Path):
         if not dist_is_initialized() or not is_collective_timeout(e):
             raise
         silent = silent_ranks(min(10.0, timeout_s))
-        who = (f"rank {', '.join(map(str, silent))} stopped answering" if silent
-               else "a rank stopped answering")
+        who = f"rank {', '.join(map(str, silent))} stopped answering" if silent else "a rank stopped answering"
         last = latest_checkpoint(ckpt_root)
         raise TrainingError(
             f"{who} {at['where']} {at['step']}: this rank waited {timeout_s:g} s for it in a collective "
@@ -429,8 +499,9 @@ def sample_completions(run: Run, step: int, stop_asked: Callable[[], bool] | Non
             break
         ids = prompt_ids(run.tokenizer, prompt, chat)
         new = generate(run.model, run.tokenizer, ids, Sampling(run.cfg.train.sample_max_new_tokens))
-        samples.append({"step": step, "prompt": prompt,
-                        "completion": run.tokenizer.decode(new, skip_special_tokens=True)})
+        samples.append(
+            {"step": step, "prompt": prompt, "completion": run.tokenizer.decode(new, skip_special_tokens=True)}
+        )
     run.model.train()
     return samples
 
@@ -472,8 +543,9 @@ def restore(run: Run, checkpoint: Path, rebuild_schedule: bool = False) -> int:
         data["position"] = consumed // global_batch
         if consumed % global_batch:
             log.warning(
-                "global batch changed from %d to %d: the data order after resuming is not "
-                "the uninterrupted run's", app_state["global_batch"], global_batch,
+                "global batch changed from %d to %d: the data order after resuming is not the uninterrupted run's",
+                app_state["global_batch"],
+                global_batch,
             )
     run.train_loader.load_state_dict(data)
     if run.scalora is not None and app_state.get("scalora") is not None:
@@ -492,7 +564,7 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
 
 def _fault(rank: int) -> int | None:
     """`SCALORA_DIST_FAULT=RANK:STEP` makes that rank raise at that step: a way to check,
-    on a real cluster, that one failing rank ends the whole job (see README)."""
+    on a real cluster, that one failing rank ends the whole job (docs/faults.md)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
@@ -501,7 +573,10 @@ def _fault(rank: int) -> int | None:
 
 
 def forward_backward(
-    model: nn.Module, loader: BatchLoader, accum_steps: int, device: torch.device,
+    model: nn.Module,
+    loader: BatchLoader,
+    accum_steps: int,
+    device: torch.device,
     offload_activations: bool = False,
 ) -> tuple[float, int, int]:
     """Accumulate gradients over `accum_steps` micro-batches. Every rank divides its summed

@@ -62,11 +62,26 @@ def train_job(model_dir, out, nproc, *overrides, resume=None, env=None, timeout=
     on `nproc` processes (torchrun through the CLI when > 1), as a subprocess."""
     micro_batch = 4 // nproc
     cmd = [
-        sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-        f"model.path={model_dir}", f"output.dir={out}", "data.eval_files=[]", "train.eval_every=0",
-        "data.max_length=32", "adapter.rank=2", "adapter.alpha=4", "adapter.scalora.warmup_steps=2",
-        "train.max_steps=6", f"train.micro_batch_size={micro_batch}", "train.lr=1e-2",
-        "train.warmup_steps=0", "train.log_every=1", *overrides,
+        sys.executable,
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={model_dir}",
+        f"output.dir={out}",
+        "data.eval_files=[]",
+        "train.eval_every=0",
+        "data.max_length=32",
+        "adapter.rank=2",
+        "adapter.alpha=4",
+        "adapter.scalora.warmup_steps=2",
+        "train.max_steps=6",
+        f"train.micro_batch_size={micro_batch}",
+        "train.lr=1e-2",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        *overrides,
     ]
     if nproc > 1:
         cmd += ["--nproc-per-node", str(nproc)]
@@ -103,8 +118,13 @@ def assert_same_weights(a: dict, b: dict, tol: float = SAME_MODEL_TOL) -> float:
 # -- the Hugging Face hub, offline -------------------------------------------------------
 
 
-def put_in_hub_cache(hf_home: str | Path, repo_id: str, source: str | Path, repo_type: str = "model",
-                     commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def put_in_hub_cache(
+    hf_home: str | Path,
+    repo_id: str,
+    source: str | Path,
+    repo_type: str = "model",
+    commit: str = "0123456789abcdef0123456789abcdef01234567",
+) -> Path:
     """Lay `source`'s files out as huggingface_hub caches a downloaded repo
     ($HF_HOME/hub/{models|datasets}--org--name/snapshots/<commit>/..., refs/main), so
     HF_HUB_OFFLINE=1 resolves `repo_id` to them. Returns the snapshot directory."""
@@ -118,8 +138,12 @@ def put_in_hub_cache(hf_home: str | Path, repo_id: str, source: str | Path, repo
     return snapshot
 
 
-def write_dataset_repo(root: str | Path, splits: dict[str, list[dict]], shards: int = 2,
-                       configs: dict[str, dict[str, list[dict]]] | None = None) -> Path:
+def write_dataset_repo(
+    root: str | Path,
+    splits: dict[str, list[dict]],
+    shards: int = 2,
+    configs: dict[str, dict[str, list[dict]]] | None = None,
+) -> Path:
     """A dataset folder as the hub stores one: Parquet shards under data/ named
     `{split}-0000K-of-0000N.parquet` and a README whose YAML header declares the configs."""
     root = Path(root)

@@ -10,13 +10,29 @@ import sys
 import pytest
 from helpers import REPO
 
-TINY_MODEL = ["--hidden-size", "64", "--num-layers", "1", "--steps", "1", "--warmup", "1",
-              "--batch-size", "2", "--seq-len", "16"]
+TINY_MODEL = [
+    "--hidden-size",
+    "64",
+    "--num-layers",
+    "1",
+    "--steps",
+    "1",
+    "--warmup",
+    "1",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "16",
+]
 
 
 def _tool(*args: str, timeout: int = 600) -> str:
     proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -37,8 +53,9 @@ def _rows(table: str) -> dict[str, list[str]]:
 def test_bench_step_compares_methods_and_base_precisions():
     pytest.importorskip("bitsandbytes")
     variants = ["lora", "scalora", "full", "lora-nf4", "scalora-nf4"]
-    rows = _rows(_tool("tools/benchmarks/bench_step.py", *TINY_MODEL, "--variants", ",".join(variants),
-                       "--peak-tflops", "0.5"))
+    rows = _rows(
+        _tool("tools/benchmarks/bench_step.py", *TINY_MODEL, "--variants", ",".join(variants), "--peak-tflops", "0.5")
+    )
     assert list(rows) == variants
     assert rows["lora"][1] == "1.000"  # the ratio column is relative to the first variant
     for cells in rows.values():  # MFU = achieved TFLOP/s over the given peak
@@ -52,24 +69,53 @@ def test_bench_step_compares_methods_and_base_precisions():
 
 @pytest.mark.slow
 def test_bench_distributed_runs_on_1_and_2_ranks():
-    out = _tool("tools/benchmarks/bench_distributed.py", "--ranks", "1,2", "--skip-load", "--skip-alone",
-                *TINY_MODEL, "--variants", "lora,scalora")
+    out = _tool(
+        "tools/benchmarks/bench_distributed.py",
+        "--ranks",
+        "1,2",
+        "--skip-load",
+        "--skip-alone",
+        *TINY_MODEL,
+        "--variants",
+        "lora,scalora",
+    )
     assert "ScaLoRA" in out or "scalora" in out
     assert "2" in _rows(out) and "1" in _rows(out)
 
 
 def test_bench_quant_fidelity_table():
     pytest.importorskip("bitsandbytes")
-    out = _tool("tools/benchmarks/bench_quant.py", "--size", "64", "--rank", "2", "--steps", "3",
-                "--acc-ranks", "8", "--skip-real")
+    out = _tool(
+        "tools/benchmarks/bench_quant.py",
+        "--size",
+        "64",
+        "--rank",
+        "2",
+        "--steps",
+        "3",
+        "--acc-ranks",
+        "8",
+        "--skip-real",
+    )
     assert "naive requantisation" in out and "R=8" in out
 
 
 def test_bench_loss_shows_the_chunked_head_holding_less_than_the_plain_one():
     """A vocabulary large enough that the whole logits dominate (64 x 32768 = 2M per row of
     tokens): the chunked loss, 4 chunks here, peaks lower and gives the same loss."""
-    out = _tool("tools/benchmarks/bench_loss.py", "--hidden", "64", "--vocab", "32768", "--tokens", "1024",
-                "--dtype", "float32", "--chunk-tokens", "256")
+    out = _tool(
+        "tools/benchmarks/bench_loss.py",
+        "--hidden",
+        "64",
+        "--vocab",
+        "32768",
+        "--tokens",
+        "1024",
+        "--dtype",
+        "float32",
+        "--chunk-tokens",
+        "256",
+    )
     rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines() if line.startswith("| ")}
     plain, chunked = float(rows["plain"][0]), float(rows["chunked"][0])
     assert chunked < 0.5 * plain, out
@@ -92,8 +138,19 @@ def test_bench_loss_on_a_checkpoint_measures_whole_training_steps(tmp_path):
     model.resize_token_embeddings(32768, mean_resizing=False)
     model.save_pretrained(model_dir)
     out = tmp_path / "loss.md"
-    _tool("tools/benchmarks/bench_loss.py", "--model", str(model_dir), "--tokens", "1024", "--dtype", "float32",
-          "--chunk-tokens", "64", "--out", str(out))
+    _tool(
+        "tools/benchmarks/bench_loss.py",
+        "--model",
+        str(model_dir),
+        "--tokens",
+        "1024",
+        "--dtype",
+        "float32",
+        "--chunk-tokens",
+        "64",
+        "--out",
+        str(out),
+    )
     (row,) = json.loads(out.with_suffix(".json").read_text())
     plain, chunked = row["plain"], row["chunked"]
     assert plain["vocab"] == 32768 and row["tokens"] == 1024
@@ -115,8 +172,22 @@ def test_bench_peers_runs_every_contender_on_the_same_batches(tmp_path):
     are left out by --contenders to keep the suite short.)"""
     import json
 
-    _tool("tools/benchmarks/bench_peers.py", "--tiny", "--steps", "1", "--warmup", "1", "--max-length", "64",
-          "--nprocs", "1,2", "--contenders", "scalora-dist", "--out", str(tmp_path))
+    _tool(
+        "tools/benchmarks/bench_peers.py",
+        "--tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--max-length",
+        "64",
+        "--nprocs",
+        "1,2",
+        "--contenders",
+        "scalora-dist",
+        "--out",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "bench_peers.json").read_text())
     assert set(results) == {"1", "2"}
     for nproc, by_name in results.items():
@@ -140,8 +211,15 @@ def test_gpu_check_cpu_mode_runs_every_check(tmp_path):
     out = _tool("tools/benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path))
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = results["checks"]
-    assert list(checks) == ["exactness", "bitsandbytes", "attention", "throughput", "memory", "loss_kernels",
-                            "offload"], out[-2000:]
+    assert list(checks) == [
+        "exactness",
+        "bitsandbytes",
+        "attention",
+        "throughput",
+        "memory",
+        "loss_kernels",
+        "offload",
+    ], out[-2000:]
     for name in ("exactness", "bitsandbytes", "attention", "loss_kernels", "offload"):
         assert checks[name]["passed"] is True, (name, checks[name])
     if importlib.util.find_spec("liger_kernel"):  # run through Triton's interpreter here (conftest.py)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import dist_checkpoint_worker as w
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 from torch.multiprocessing.spawn import ProcessException
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import dist_checkpoint_worker as w
+from scalora_dist.config import AdapterConfig
+from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap
 from scalora_dist.run.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -21,18 +23,20 @@ from scalora_dist.run.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from scalora_dist.config import AdapterConfig
 from scalora_dist.run.export import export_merged
-from scalora_dist.model.lora import inject_adapters, lora_layers, merge_and_unwrap
 
 
 def _plain_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    return {"model": {k: v.detach().clone() for k, v in msd.items()},
-            "optim": {"state": {k: {n: t.clone() for n, t in s.items()} for k, s in osd["state"].items()},
-                      "param_groups": osd["param_groups"]}}
+    return {
+        "model": {k: v.detach().clone() for k, v in msd.items()},
+        "optim": {
+            "state": {k: {n: t.clone() for n, t in s.items()} for k, s in osd["state"].items()},
+            "param_groups": osd["param_groups"],
+        },
+    }
 
 
 def _steps(root) -> list[str]:
@@ -48,8 +52,13 @@ def test_round_trip_single_process(tiny_llama, tmp_path):
     for i in range(2):
         w.train(model, opt, 1, first_seed=i)
         sched.step()
-    app = {"step": 2, "scheduler": sched.state_dict(), "data": {"epoch": 0, "position": 2},
-           "kappa": 0.25, "config": {"adapter": {"method": "scalora", "rank": 2}}}
+    app = {
+        "step": 2,
+        "scheduler": sched.state_dict(),
+        "data": {"epoch": 0, "position": 2},
+        "kappa": 0.25,
+        "config": {"adapter": {"method": "scalora", "rank": 2}},
+    }
     path = save_checkpoint(tmp_path / "ckpt", 2, model, opt, app)
     assert path == tmp_path / "ckpt" / "step-00000002"
     assert {"COMPLETE", "app_state.json", "rng-rank0.safetensors", ".metadata"} <= set(_steps(path))
@@ -122,9 +131,16 @@ def test_keep_last_latest_and_resolve(tiny_llama, tmp_path):
 
 
 def test_export_merged_tied_embeddings_single_process(tiny_tokenizer, tmp_path):
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, pad_token_id=tiny_tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -188,8 +204,9 @@ def test_fsdp_checkpoint_loads_in_one_process(fsdp_run, tiny_llama):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_reshards_to_four_ranks(fsdp_run, tiny_llama):
-    w.run_job(w.reshard_job, 4, str(tiny_llama), str(fsdp_run["root"] / "step-00000003"),
-              str(fsdp_run["out"] / "ref.pt"))
+    w.run_job(
+        w.reshard_job, 4, str(tiny_llama), str(fsdp_run["root"] / "step-00000003"), str(fsdp_run["out"] / "ref.pt")
+    )
 
 
 def _dense_merged(tiny_llama, ckpt) -> dict[str, torch.Tensor]:

@@ -55,8 +55,10 @@ KERNELS = ["torch", pytest.param("liger", marks=needs_liger)]
 @pytest.mark.parametrize("arch, softcap", [("llama", None), ("gemma3-multimodal", None), ("gemma3", 5.0)])
 def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model, arch, softcap, kernel):
     if kernel == "liger" and softcap and os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("Triton's interpreter hands Liger's softcap kernel argument over as a Python float, "
-                    "which the kernel calls .to() on; compiled on CUDA it is a Triton scalar")
+        pytest.skip(
+            "Triton's interpreter hands Liger's softcap kernel argument over as a Python float, "
+            "which the kernel calls .to() on; compiled on CUDA it is a Triton scalar"
+        )
     model = AutoModelForCausalLM.from_pretrained(tiny_model(arch), dtype=torch.float32)
     if softcap:
         model.config.get_text_config().final_logit_softcapping = softcap
@@ -77,8 +79,9 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(tiny_model, arch, soft
     assert head and all(grads[n].abs().sum() > 0 for n in head)
     # without labels the model is the original one (generation needs the logits)
     with torch.no_grad():
-        torch.testing.assert_close(chunked(input_ids=batch["input_ids"]).logits,
-                                   model(input_ids=batch["input_ids"]).logits)
+        torch.testing.assert_close(
+            chunked(input_ids=batch["input_ids"]).logits, model(input_ids=batch["input_ids"]).logits
+        )
 
 
 def test_the_mean_without_a_token_count_and_fully_masked_chunks():
@@ -133,8 +136,17 @@ def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_lla
             assert a[step] == pytest.approx(b[step], rel=1e-6), (kernel, step)
         assert_same_weights(merged_weights(chunked), merged_weights(plain), tol=1e-6)
     offloaded = tmp_path / "torch-offloaded"
-    assert_ok(train_job(tiny_llama, offloaded, 2, checkpointed, "model.offload_activations=true",
-                        "model.loss_kernel=torch", kernels["torch"]))
+    assert_ok(
+        train_job(
+            tiny_llama,
+            offloaded,
+            2,
+            checkpointed,
+            "model.offload_activations=true",
+            "model.loss_kernel=torch",
+            kernels["torch"],
+        )
+    )
     assert logged_losses(offloaded) == logged_losses(tmp_path / "torch")
     a, b = merged_weights(offloaded), merged_weights(tmp_path / "torch")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -166,7 +178,9 @@ def test_loss_kernel_choice_and_bad_settings(tmp_path, monkeypatch):
     assert resolve_loss_kernel("auto", cpu) == "torch"
     assert resolve_loss_kernel("torch", cpu) == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ConfigError, match=r"model.loss_kernel: liger (runs Triton kernels on CUDA|needs the liger-kernel)"):
+    with pytest.raises(
+        ConfigError, match=r"model.loss_kernel: liger (runs Triton kernels on CUDA|needs the liger-kernel)"
+    ):
         resolve_loss_kernel("liger", cpu)
     config = tmp_path / "run.yaml"
     config.write_text("model: {path: m}\ndata: {train_files: [d.jsonl]}\ntrain: {max_steps: 1}\n")

@@ -22,11 +22,19 @@ def test_quickstart_config_resolves():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, BASE + [
-        "train.lr=1e-4", "adapter.rank=16", "adapter.use_rslora=true",
-        "adapter.target_modules=[q_proj,v_proj]", "adapter.scalora.kappa=0.5",
-        "train.adam_betas=[0.9,0.95]", "data.eval_files=b.jsonl",
-    ])
+    cfg = load_config(
+        None,
+        BASE
+        + [
+            "train.lr=1e-4",
+            "adapter.rank=16",
+            "adapter.use_rslora=true",
+            "adapter.target_modules=[q_proj,v_proj]",
+            "adapter.scalora.kappa=0.5",
+            "train.adam_betas=[0.9,0.95]",
+            "data.eval_files=b.jsonl",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.adapter.rank == 16 and cfg.adapter.use_rslora is True
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
@@ -37,32 +45,40 @@ def test_overrides_are_typed():
 
 def test_yaml_file_and_override_precedence(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"path": "m"}, "data": {"train_files": ["a.jsonl"]},
-        "train": {"max_steps": 5, "lr": "2e-4"},  # YAML 1.1 reads 2e-4 as a string
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "m"},
+                "data": {"train_files": ["a.jsonl"]},
+                "train": {"max_steps": 5, "lr": "2e-4"},  # YAML 1.1 reads 2e-4 as a string
+            }
+        )
+    )
     cfg = load_config(path, ["train.max_steps=7"])
     assert cfg.train.max_steps == 7 and cfg.train.lr == 2e-4
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown key 'train.lrr'"),
-    ("trian.lr=1", "unknown key 'trian'"),
-    ("train.lr=fast", "train.lr: expected a number"),
-    ("adapter.rank=2.5", "adapter.rank: expected an integer"),
-    ("adapter.use_rslora=maybe", "adapter.use_rslora: expected true or false"),
-    ("adapter.method=qlora", "adapter.method: 'qlora' is not one of lora, scalora, relora, full"),
-    ("adapter.scalora.kappa=big", "adapter.scalora.kappa"),
-    ("adapter.scalora.kappa_scope=model", "adapter.scalora.kappa_scope"),
-    ("adapter.rank=0", "adapter.rank: must be > 0"),
-    ("adapter.dropout=0.1", "adapter.dropout: must be 0 for method scalora"),
-    ("train.epochs=2", "exactly one of train.max_steps and train.epochs"),
-    ("train.eval_every=10", "data.eval_files is empty"),
-    ("train.adam_betas=[0.9]", "train.adam_betas"),
-    ("model", "must look like key.path=value"),
-    ("model.quant_placement=replicated", "'model.quant_placement' was renamed 'model.base_placement'"),
-    ("model.base_placement=everywhere", "model.base_placement"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("trian.lr=1", "unknown key 'trian'"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("adapter.rank=2.5", "adapter.rank: expected an integer"),
+        ("adapter.use_rslora=maybe", "adapter.use_rslora: expected true or false"),
+        ("adapter.method=qlora", "adapter.method: 'qlora' is not one of lora, scalora, relora, full"),
+        ("adapter.scalora.kappa=big", "adapter.scalora.kappa"),
+        ("adapter.scalora.kappa_scope=model", "adapter.scalora.kappa_scope"),
+        ("adapter.rank=0", "adapter.rank: must be > 0"),
+        ("adapter.dropout=0.1", "adapter.dropout: must be 0 for method scalora"),
+        ("train.epochs=2", "exactly one of train.max_steps and train.epochs"),
+        ("train.eval_every=10", "data.eval_files is empty"),
+        ("train.adam_betas=[0.9]", "train.adam_betas"),
+        ("model", "must look like key.path=value"),
+        ("model.quant_placement=replicated", "'model.quant_placement' was renamed 'model.base_placement'"),
+        ("model.base_placement=everywhere", "model.base_placement"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(None, BASE + [override])
@@ -86,9 +102,7 @@ def test_missing_required_keys():
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", *args], cwd=cwd, capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-m", "scalora_dist.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_cli_config_show_prints_resolved_config():

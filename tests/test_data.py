@@ -10,11 +10,11 @@ import re
 import datasets
 import pytest
 import torch
-
 from helpers import write_json, write_jsonl, write_parquet, write_text
-from scalora_dist.data import packing as data_mod
+
 from scalora_dist.config import DataConfig
 from scalora_dist.data import IGNORE_INDEX, BatchLoader, DataError, load_split
+from scalora_dist.data import packing as data_mod
 
 TEXTS = [
     "The fox lives in the forest.",
@@ -87,8 +87,10 @@ def test_multiple_files_keep_order_and_custom_field(tmp_path, tok):
 
 
 def test_instruction_masks_prompt(tmp_path, tok):
-    recs = [{"prompt": "Q: Where does the fox live?\nA:", "response": " In the forest."},
-            {"prompt": "", "response": "Just a response."}]
+    recs = [
+        {"prompt": "Q: Where does the fox live?\nA:", "response": " In the forest."},
+        {"prompt": "", "response": "Just a response."},
+    ]
     f = write_jsonl(tmp_path / "inst.jsonl", recs)
     ds = load_split(DataConfig(format="instruction"), tok, [str(f)])
     for (ids, labels), rec in zip(rows(ds), recs):
@@ -105,7 +107,9 @@ def test_chat_labels_only_assistant_turns(tmp_path, tok):
     (ids, labels), (ids2, labels2) = rows(ds)
     assert ids == enc(tok, tok.apply_chat_template(CHAT, tokenize=False))
     assert [tok.decode(s) for s in labelled_spans(ids, labels)] == [
-        "In the forest.<|im_end|>\n", "In the valley.<|im_end|>\n"]
+        "In the forest.<|im_end|>\n",
+        "In the valley.<|im_end|>\n",
+    ]
     unlabelled = tok.decode([i for i, y in zip(ids, labels) if y == IGNORE_INDEX])
     assert "Be brief." in unlabelled and "And the owl?" in unlabelled
     assert "forest" not in unlabelled and "valley" not in unlabelled
@@ -315,12 +319,12 @@ def test_rank_split_matches_single_rank(n, b, world):
 
 def test_rank_split_without_drop_last_covers_everything():
     ds = toy(11)  # global batch 3 * 2 = 6: one full batch + 5 leftover (split 2 / 3)
-    ranks = [BatchLoader(ds, 3, 0, shuffle=False, drop_last=False, rank=k, world_size=2)
-             for k in range(2)]
+    ranks = [BatchLoader(ds, 3, 0, shuffle=False, drop_last=False, rank=k, world_size=2) for k in range(2)]
     seen = [[example_ids(b) for b in r] for r in ranks]
     assert seen == [[[0, 1, 2], [6, 7]], [[3, 4, 5], [8, 9, 10]]]
-    tiny = [BatchLoader(toy(10), 3, 0, shuffle=False, drop_last=False, rank=k, world_size=3)
-            for k in range(3)]  # one leftover example for three ranks
+    tiny = [
+        BatchLoader(toy(10), 3, 0, shuffle=False, drop_last=False, rank=k, world_size=3) for k in range(3)
+    ]  # one leftover example for three ranks
     assert [r.batches_per_epoch() for r in tiny] == [1, 1, 2]
     assert [example_ids(b) for b in tiny[2]] == [[6, 7, 8], [9]]
 
@@ -423,8 +427,9 @@ def test_wrong_types(tmp_path, tok):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": 5}])
     expect_error(DataConfig(), tok, [f], r"t\.jsonl:2: field 'text' must be a string, got int")
     g = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": "hello"}])
-    expect_error(DataConfig(format="chat"), tok, [g],
-                 r"c\.jsonl:2: field 'messages' must be a list of \{role, content\} objects")
+    expect_error(
+        DataConfig(format="chat"), tok, [g], r"c\.jsonl:2: field 'messages' must be a list of \{role, content\} objects"
+    )
     h = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user"}, CHAT[2]]}])
     expect_error(DataConfig(format="chat"), tok, [h], r"d\.jsonl:1: messages\[0\]: missing field 'content'")
 

@@ -5,8 +5,8 @@ usual column shapes (alpaca, ShareGPT) with errors that name the dataset, row an
 from __future__ import annotations
 
 import pytest
-
 from helpers import put_in_hub_cache, write_dataset_repo, write_jsonl
+
 from scalora_dist.config import DataConfig, DataSource, load_config
 from scalora_dist.data import IGNORE_INDEX, DataError, load_split
 
@@ -15,8 +15,13 @@ ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5."},
 ]
 SHAREGPT = [
-    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
-                       {"from": "gpt", "value": "Hello."}]},
+    {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi?"},
+            {"from": "gpt", "value": "Hello."},
+        ]
+    },
 ]
 
 
@@ -31,8 +36,9 @@ def labelled_text(tok, ds):
 
 def test_local_dataset_folder_with_splits_configs_and_shards(tmp_path, tok):
     texts = [{"text": f"The fox number {i} runs."} for i in range(10)]
-    repo = write_dataset_repo(tmp_path / "repo", {"train": texts, "test": texts[:3]},
-                              configs={"alpaca": {"train": ALPACA}})
+    repo = write_dataset_repo(
+        tmp_path / "repo", {"train": texts, "test": texts[:3]}, configs={"alpaca": {"train": ALPACA}}
+    )
     train = load_split(DataConfig(), tok, [str(repo)])
     assert [tok.decode(r["input_ids"][1:-1]) for r in train] == [t["text"] for t in texts]  # shard order kept
     test = load_split(DataConfig(), tok, [DataSource(path=str(repo), split="test")])
@@ -53,12 +59,16 @@ def test_hub_dataset_id_offline_from_the_cache(tmp_path, tok, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     ds = load_split(DataConfig(), tok, ["someone/owls"])
     assert len(ds) == 4
-    with pytest.raises(DataError, match=r"someone/missing: not a local file or folder .*not a dataset in the "
-                                        r"Hugging Face cache.*hf download --repo-type dataset someone/missing"):
+    with pytest.raises(
+        DataError,
+        match=r"someone/missing: not a local file or folder .*not a dataset in the "
+        r"Hugging Face cache.*hf download --repo-type dataset someone/missing",
+    ):
         load_split(DataConfig(), tok, ["someone/missing"])
     # the long form in a config, with the slicing syntax
-    cfg = load_config(None, ["model.path=m", "train.max_steps=1",
-                             'data.train_files=[{path: someone/owls, split: "train[:50%]"}]'])
+    cfg = load_config(
+        None, ["model.path=m", "train.max_steps=1", 'data.train_files=[{path: someone/owls, split: "train[:50%]"}]']
+    )
     assert len(load_split(cfg.data, tok, cfg.data.train_files)) == 2
 
 

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    assert_ok, assert_same_weights, logged_losses, merged_weights, train_job,
+    assert_ok,
+    assert_same_weights,
+    logged_losses,
+    merged_weights,
+    train_job,
 )
 from safetensors.torch import load_file
 
@@ -58,9 +62,21 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
     for name, model_dir in (("narrow", tiny_model("llama")), ("wide", wide)):
         out = tmp_path / f"{name}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(REPO / "tests/workers/dist_comm_worker.py"), str(model_dir), str(out)],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(REPO / "tests/workers/dist_comm_worker.py"),
+                str(model_dir),
+                str(out),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -82,9 +98,23 @@ def test_a_replicated_base_communicates_like_ddp_one_gather_and_one_reduce_scatt
     for placement in ("sharded", "replicated"):
         out = tmp_path / f"{placement}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(REPO / "tests/workers/dist_comm_worker.py"), str(tiny_llama), str(out), f"model.base_placement={placement}"],
-            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(REPO / "tests/workers/dist_comm_worker.py"),
+                str(tiny_llama),
+                str(out),
+                f"model.base_placement={placement}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         calls[placement] = json.loads(out.read_text())["step"]

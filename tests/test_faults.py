@@ -85,7 +85,9 @@ def small_disk(tmp_path, six_steps):
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     checkpoint = sum(f.stat().st_size for f in (six_steps / "checkpoints/step-00000002").iterdir())
@@ -101,8 +103,14 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_resume_continues_exactly(si
     run = small_disk / "run"
     full = train(tiny_llama, run, *TRAIN, "train.keep_last=2", steps=6)
     assert full.returncode == 2, full.stderr[-3000:]
-    line = _one_error_line(full, "out of disk space", str(run / "checkpoints"), "needs about",
-                           str(run / "checkpoints/step-00000002"), "--resume latest")
+    line = _one_error_line(
+        full,
+        "out of disk space",
+        str(run / "checkpoints"),
+        "needs about",
+        str(run / "checkpoints/step-00000002"),
+        "--resume latest",
+    )
     assert "warning" in full.stderr.lower() and "free" in full.stderr and "room for two" in full.stderr, full.stderr
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"], line  # no partial save left
     assert max(logged_losses(run)) >= 4  # the logs up to the failed save are kept
@@ -119,11 +127,29 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_resume_continues_exactly(si
 
 def _popen(model, out, *extra, nproc=1):
     launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
-    cmd = [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-           f"model.path={model}", f"output.dir={out}", f"train.micro_batch_size={4 // nproc}", *SHORT, *extra, *launch]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={model}",
+        f"output.dir={out}",
+        f"train.micro_batch_size={4 // nproc}",
+        *SHORT,
+        *extra,
+        *launch,
+    ]
     log = (out.parent / f"{out.name}.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=log,
+        stderr=log,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     proc.log = out.parent / f"{out.name}.log"
     return proc
 
@@ -152,8 +178,12 @@ def test_a_stop_asked_for_during_setup_or_an_evaluation_is_not_lost(tiny_llama, 
     # during an evaluation long enough to matter (3,000 held-out examples one at a time): it
     # stops between two of its batches, saves the step it follows, and records no half evaluation
     run = tmp_path / "eval"
-    slow_eval = ["train.eval_every=2", "data.eval_files=[configs/data/quickstart_train.jsonl]",
-                 "train.eval_batches=0", "train.max_steps=50"]
+    slow_eval = [
+        "train.eval_every=2",
+        "data.eval_files=[configs/data/quickstart_train.jsonl]",
+        "train.eval_batches=0",
+        "train.max_steps=50",
+    ]
     proc = _popen(tiny_llama, run, *slow_eval)
     _wait(proc, lambda: (run / "metrics.jsonl").is_file() and '"step": 2' in (run / "metrics.jsonl").read_text())
     asked = time.monotonic()
@@ -172,9 +202,23 @@ def test_a_stop_asked_for_during_setup_or_an_evaluation_is_not_lost(tiny_llama, 
 @pytest.mark.slow
 def test_a_frozen_rank_ends_the_job_within_the_collective_timeout(tiny_llama, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-           f"model.path={tiny_llama}", f"output.dir={run}", "train.micro_batch_size=2", *SHORT,
-           "train.max_steps=100000", "train.save_every=2", "train.collective_timeout_s=5", "--nproc-per-node", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={tiny_llama}",
+        f"output.dir={run}",
+        "train.micro_batch_size=2",
+        *SHORT,
+        "train.max_steps=100000",
+        "train.save_every=2",
+        "train.collective_timeout_s=5",
+        "--nproc-per-node",
+        "2",
+    ]
     log = (tmp_path / "job.log").open("w")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, text=True, env=env)
@@ -220,8 +264,11 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in v)
+            env = dict(
+                v.split("=", 1)
+                for v in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in v
+            )
         except OSError:
             continue
         if "RANK" in env and "LOCAL_RANK" in env and pid != launcher_pid:
@@ -253,8 +300,10 @@ def test_bad_inputs_are_one_line_with_exit_code_2(tiny_llama, tmp_path, write_js
         config.pop("chat_template", None)
         (plain / name).write_text(json.dumps(config))
     (plain / "chat_template.jinja").unlink(missing_ok=True)
-    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                                {"role": "assistant", "content": "hello"}]}] * 8)
+    chats = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 8,
+    )
     proc = train(plain, tmp_path / "b", "data.format=chat", f"data.train_files=[{chats}]", "data.packing=false")
     assert proc.returncode == 2
     _one_error_line(proc, "chat template")
@@ -278,4 +327,7 @@ def test_bad_inputs_are_one_line_with_exit_code_2(tiny_llama, tmp_path, write_js
     assert proc.returncode == 0, proc.stderr
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["truncated_examples"] > 0
-    assert f"{first['truncated_examples']} of 3000 examples are longer than data.max_length=32 and were truncated" in proc.stderr
+    assert (
+        f"{first['truncated_examples']} of 3000 examples are longer than data.max_length=32 and were truncated"
+        in proc.stderr
+    )

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_rundir import cli, train
 
 from scalora_dist.run.manifest import file_checksum
@@ -80,12 +79,31 @@ def test_a_malicious_dcp_metadata_is_refused_by_export_and_resume(run, tiny_llam
     assert not (tmp_path / "export" / "merged").exists()
 
     for resume in ("latest", str(work / "checkpoints/step-00000004")):
-        resumed = train(tiny_llama, work, "train.save_every=2", "adapter.method=lora", "output.save_adapter=true",
-                        "--resume", resume, "--extend", steps=6)
+        resumed = train(
+            tiny_llama,
+            work,
+            "train.save_every=2",
+            "adapter.method=lora",
+            "output.save_adapter=true",
+            "--resume",
+            resume,
+            "--extend",
+            steps=6,
+        )
         _refused(resumed, proof, ".metadata")
     # two processes: refused by the launcher's checks, before any worker starts
-    launched = train(tiny_llama, work, "train.save_every=2", "adapter.method=lora", "output.save_adapter=true",
-                     "--resume", "latest", "--extend", steps=6, nproc=2)
+    launched = train(
+        tiny_llama,
+        work,
+        "train.save_every=2",
+        "adapter.method=lora",
+        "output.save_adapter=true",
+        "--resume",
+        "latest",
+        "--extend",
+        steps=6,
+        nproc=2,
+    )
     _refused(launched, proof, ".metadata")
     assert "torchrun job" not in launched.stdout
 
@@ -100,12 +118,28 @@ def test_a_pickle_in_an_earlier_versions_app_state_is_refused(run, tiny_llama, t
 
     exported = cli("export", work / "checkpoints/step-00000004", "--out", tmp_path / "export")
     _refused(exported, proof, "app_state.pt", "refusing")
-    resumed = train(tiny_llama, work, "train.save_every=2", "adapter.method=lora", "output.save_adapter=true",
-                    "--resume", "auto", "--extend", steps=6)
+    resumed = train(
+        tiny_llama,
+        work,
+        "train.save_every=2",
+        "adapter.method=lora",
+        "output.save_adapter=true",
+        "--resume",
+        "auto",
+        "--extend",
+        steps=6,
+    )
     _refused(resumed, proof, "app_state.pt")
     # the SLURM script's requeue check reads only directory names and markers
-    requeue = cli_module("scalora_dist.launch.requeue", "start", "configs/quickstart.yaml", f"output.dir={work}",
-                         "--max-attempts", "3", env={"SLURM_RESTART_COUNT": "1"})
+    requeue = cli_module(
+        "scalora_dist.launch.requeue",
+        "start",
+        "configs/quickstart.yaml",
+        f"output.dir={work}",
+        "--max-attempts",
+        "3",
+        env={"SLURM_RESTART_COUNT": "1"},
+    )
     assert not proof.exists()
     assert requeue.returncode == 0, requeue.stderr
 
@@ -130,5 +164,11 @@ def cli_module(module: str, *args, env=None):
 
     from test_rundir import REPO
 
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )

@@ -10,7 +10,7 @@ import json
 import pytest
 from helpers import assert_ok, assert_same_weights, merged_weights, put_in_hub_cache, train_job
 
-from scalora_dist.config import ModelConfig, ConfigError
+from scalora_dist.config import ConfigError, ModelConfig
 from scalora_dist.model.hub import model_reference, resolve_model_dir
 
 MODEL_ID = "tiny-org/tiny-llama"

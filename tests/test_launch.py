@@ -26,8 +26,16 @@ from scalora_dist.launch.torchrun import (
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = "configs/quickstart.yaml"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _env() -> dict[str, str]:
@@ -45,9 +53,15 @@ def _flat(text: str) -> str:
 
 def _train_overrides(model_dir: Path, out_dir: Path, steps: int) -> list[str]:
     return [
-        f"model.path={model_dir}", f"output.dir={out_dir}", f"train.max_steps={steps}",
-        "data.max_length=64", "train.micro_batch_size=2", "data.eval_files=[]",
-        "train.eval_every=0", "train.log_every=1", "output.save_merged=false",
+        f"model.path={model_dir}",
+        f"output.dir={out_dir}",
+        f"train.max_steps={steps}",
+        "data.max_length=64",
+        "train.micro_batch_size=2",
+        "data.eval_files=[]",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "output.save_merged=false",
     ]
 
 
@@ -57,25 +71,59 @@ def _train_overrides(model_dir: Path, out_dir: Path, steps: int) -> list[str]:
 def test_torchrun_command_single_node():
     cmd = torchrun_command(Path("c.yaml"), ["train.lr=1e-3"], LaunchOptions(nproc_per_node=4), ["--quiet"])
     assert cmd == [
-        *TORCHRUN, "--nnodes", "1", "--nproc-per-node", "4", "--standalone", "--max-restarts", "0",
-        "-m", "scalora_dist.cli", "train", "c.yaml", "train.lr=1e-3", "--quiet",
+        *TORCHRUN,
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "4",
+        "--standalone",
+        "--max-restarts",
+        "0",
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "c.yaml",
+        "train.lr=1e-3",
+        "--quiet",
     ]
     assert LaunchOptions(nproc_per_node=4).needs_torchrun()
     assert not LaunchOptions().needs_torchrun()
     # A fixed port instead of --standalone's free one.
     assert torchrun_args(LaunchOptions(nproc_per_node=2, master_port=29511))[-6:] == [
-        "--master-addr", "127.0.0.1", "--master-port", "29511", "--max-restarts", "0",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "29511",
+        "--max-restarts",
+        "0",
     ]
 
 
 def test_torchrun_command_multi_node(monkeypatch):
-    opts = LaunchOptions(nproc_per_node=8, nnodes="2", node_rank=1, rdzv_endpoint="host:29500",
-                         rdzv_id="job7", max_restarts=3)
+    opts = LaunchOptions(
+        nproc_per_node=8, nnodes="2", node_rank=1, rdzv_endpoint="host:29500", rdzv_id="job7", max_restarts=3
+    )
     assert opts.needs_torchrun()
     assert torchrun_command(Path("c.yaml"), [], opts, []) == [
-        *TORCHRUN, "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "host:29500", "--rdzv-id", "job7", "--node-rank", "1",
-        "--max-restarts", "3", "-m", "scalora_dist.cli", "train", "c.yaml",
+        *TORCHRUN,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "host:29500",
+        "--rdzv-id",
+        "job7",
+        "--node-rank",
+        "1",
+        "--max-restarts",
+        "3",
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "c.yaml",
     ]
     # Elastic range, no node rank, no job id: every node running the same command gets the
     # same id (from the scheduler's job id when there is one).
@@ -94,15 +142,18 @@ def test_torchrun_command_multi_node(monkeypatch):
     assert rdzv_id(["train.lr=1e-3"]) == rdzv_id(["train.lr=2e-3"]) == "slurm_job_id-4242"
 
 
-@pytest.mark.parametrize(("options", "names"), [
-    (LaunchOptions(nnodes="2"), "--rdzv-endpoint"),
-    (LaunchOptions(nnodes="1:4", nproc_per_node=2), "--rdzv-endpoint"),
-    (LaunchOptions(nnodes="two", rdzv_endpoint="h:1"), "--nnodes"),
-    (LaunchOptions(nnodes="4:2", rdzv_endpoint="h:1"), "--nnodes"),
-    (LaunchOptions(nnodes="2", node_rank=2, rdzv_endpoint="h:1"), "--node-rank"),
-    (LaunchOptions(nproc_per_node=0), "--nproc-per-node"),
-    (LaunchOptions(nnodes="2", rdzv_endpoint="h:1", rdzv_backend="static"), "--node-rank"),
-])
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        (LaunchOptions(nnodes="2"), "--rdzv-endpoint"),
+        (LaunchOptions(nnodes="1:4", nproc_per_node=2), "--rdzv-endpoint"),
+        (LaunchOptions(nnodes="two", rdzv_endpoint="h:1"), "--nnodes"),
+        (LaunchOptions(nnodes="4:2", rdzv_endpoint="h:1"), "--nnodes"),
+        (LaunchOptions(nnodes="2", node_rank=2, rdzv_endpoint="h:1"), "--node-rank"),
+        (LaunchOptions(nproc_per_node=0), "--nproc-per-node"),
+        (LaunchOptions(nnodes="2", rdzv_endpoint="h:1", rdzv_backend="static"), "--node-rank"),
+    ],
+)
 def test_invalid_launch_options_name_the_option(options, names):
     with pytest.raises(LaunchError, match=names):
         torchrun_args(options)
@@ -113,20 +164,63 @@ def test_cli_dry_run():
     res = runner.invoke(app, ["train", QUICKSTART, "--nproc-per-node", "4", "--dry-run", "train.lr=1e-3"])
     assert res.exit_code == 0, res.output
     assert res.stdout.split() == [
-        *TORCHRUN, "--nnodes", "1", "--nproc-per-node", "4", "--standalone", "--max-restarts", "0",
-        "-m", "scalora_dist.cli", "train", QUICKSTART, "train.lr=1e-3",
+        *TORCHRUN,
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "4",
+        "--standalone",
+        "--max-restarts",
+        "0",
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        QUICKSTART,
+        "train.lr=1e-3",
     ]
 
-    res = runner.invoke(app, [
-        "train", QUICKSTART, "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "host:29500",
-        "--rdzv-id", "job7", "--dry-run", "--quiet", "--resume", "latest",
-    ])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            QUICKSTART,
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--rdzv-endpoint",
+            "host:29500",
+            "--rdzv-id",
+            "job7",
+            "--dry-run",
+            "--quiet",
+            "--resume",
+            "latest",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout.split()[3:] == [
-        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "host:29500", "--rdzv-id", "job7", "--node-rank", "1",
-        "--max-restarts", "0", "-m", "scalora_dist.cli", "train", QUICKSTART,
-        "--quiet", "--resume", "latest",  # train options go on to the workers, launch ones not
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "host:29500",
+        "--rdzv-id",
+        "job7",
+        "--node-rank",
+        "1",
+        "--max-restarts",
+        "0",
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        QUICKSTART,
+        "--quiet",
+        "--resume",
+        "latest",  # train options go on to the workers, launch ones not
     ]
 
     for args in ([], ["--nproc-per-node", "1", "--nnodes", "1"]):
@@ -159,7 +253,11 @@ def test_cli_inside_torchrun_never_relaunches():
 def test_console_script_dry_run():
     res = subprocess.run(
         ["scalora-dist", "train", QUICKSTART, "--nproc-per-node", "2", "--dry-run"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stderr
     assert " -m torch.distributed.run --nnodes 1 --nproc-per-node 2 --standalone " in res.stdout
@@ -172,9 +270,21 @@ def test_two_process_train(tiny_llama, tmp_path):
     out = tmp_path / "run"
     started = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", "train", QUICKSTART, "--nproc-per-node", "2",
-         *_train_overrides(tiny_llama, out, steps=3)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            QUICKSTART,
+            "--nproc-per-node",
+            "2",
+            *_train_overrides(tiny_llama, out, steps=3),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "launching 2 processes on this node" in res.stderr
@@ -225,9 +335,21 @@ def test_a_second_ctrl_c_stops_all_ranks_at_once(tiny_llama, tmp_path):
     out = tmp_path / "run"
     log = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "scalora_dist.cli", "train", QUICKSTART, "--nproc-per-node", "2",
-         *_train_overrides(tiny_llama, out, steps=100_000)],
-        cwd=REPO, env=_env(), stdout=log[0], stderr=log[1], start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            QUICKSTART,
+            "--nproc-per-node",
+            "2",
+            *_train_overrides(tiny_llama, out, steps=100_000),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=log[0],
+        stderr=log[1],
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -264,10 +386,17 @@ def test_failing_rank_ends_the_job(tmp_path):
     cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_fail.py")]
     started = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
-         *cmd],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
+            *cmd,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     took = time.monotonic() - started
     output = res.stdout + res.stderr
@@ -285,14 +414,23 @@ def test_a_killed_rank_is_reported_not_the_rank_that_lost_it(tmp_path):
     rank 1 and its signal, and the exit code is 128 + 9."""
     cmd = [*torchrun_args(LaunchOptions(nproc_per_node=2)), str(REPO / "tests/workers/launch_worker_killed.py")]
     res = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
-         *cmd],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from scalora_dist.launch.torchrun import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))",
+            *cmd,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     errors = [line for line in res.stderr.splitlines() if " error: " in line]
-    assert errors == ["[rank1] error: killed by signal SIGKILL (sent from outside the process, most "
-                      "often by the kernel's out-of-memory killer: see dmesg)"], res.stderr
+    assert errors == [
+        "[rank1] error: killed by signal SIGKILL (sent from outside the process, most "
+        "often by the kernel's out-of-memory killer: see dmesg)"
+    ], res.stderr
     assert res.returncode == 128 + signal.SIGKILL
 
 
@@ -314,12 +452,21 @@ def test_the_reported_failure_is_the_cause(tmp_path, monkeypatch):
 
     lost = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:24767: Connection reset by peer"
     assert first_failure({0: failed(0, 1, lost), 1: failed(1, -9)}) == (
-        1, "killed by signal SIGKILL (sent from outside the process, most often by the "
-           "kernel's out-of-memory killer: see dmesg)", 137)
+        1,
+        "killed by signal SIGKILL (sent from outside the process, most often by the "
+        "kernel's out-of-memory killer: see dmesg)",
+        137,
+    )
     assert first_failure({0: failed(0, 1, lost), 1: failed(1, -11), 2: failed(2, 2, "unknown key 'train.nope'")}) == (
-        2, "unknown key 'train.nope'", 2)
+        2,
+        "unknown key 'train.nope'",
+        2,
+    )
     assert first_failure({3: failed(3, 1, "RuntimeError: first"), 2: failed(2, 1, "RuntimeError: second")}) == (
-        3, "RuntimeError: first", 1)
+        3,
+        "RuntimeError: first",
+        1,
+    )
     assert first_failure({1: failed(1, 1, lost)}) == (1, lost, 1)
     assert first_failure({0: failed(0, 3)}) == (0, "exited with code 3", 3)
 
@@ -332,10 +479,18 @@ def test_workers_ignoring_signals_are_killed(tmp_path):
     err_path = tmp_path / "stderr.txt"
     with err_path.open("w") as err:
         launcher = subprocess.Popen(
-            [sys.executable, "-c",
-             "import sys; from scalora_dist.launch.torchrun import run_torchrun; "
-             "sys.exit(run_torchrun(sys.argv[1:], escalate_after_s=2))", *cmd],
-            cwd=REPO, env=_env(), stdout=err, stderr=err, start_new_session=True,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from scalora_dist.launch.torchrun import run_torchrun; "
+                "sys.exit(run_torchrun(sys.argv[1:], escalate_after_s=2))",
+                *cmd,
+            ],
+            cwd=REPO,
+            env=_env(),
+            stdout=err,
+            stderr=err,
+            start_new_session=True,
         )
         try:
             deadline = time.monotonic() + 60

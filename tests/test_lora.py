@@ -49,8 +49,10 @@ def test_rewrite_keeps_outputs_grads_and_adam_direction(tiny_llama):
     with torch.no_grad():
         logits_before = model(**probe).logits
     adam_before = [
-        (opt.state[l.lora_A]["exp_avg"] / opt.state[l.lora_A]["exp_avg_sq"].sqrt(),
-         opt.state[l.lora_B]["exp_avg"] / opt.state[l.lora_B]["exp_avg_sq"].sqrt())
+        (
+            opt.state[l.lora_A]["exp_avg"] / opt.state[l.lora_A]["exp_avg_sq"].sqrt(),
+            opt.state[l.lora_B]["exp_avg"] / opt.state[l.lora_B]["exp_avg_sq"].sqrt(),
+        )
         for l in layers
     ]
     effective_before = [l.weight + l.delta_weight() for l in layers]

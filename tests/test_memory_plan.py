@@ -111,8 +111,13 @@ def test_replicated_codes_stay_whole_and_sharded_codes_do_not():
             # every block's adapters and norms (+ accumulators) in bf16, adapter gradients in float32
             adapters = shape.layers * sum((m + n) * 16 for m, n in shape.projections().values())
             accumulators = shape.layers * sum((m + n) * 64 for m, n in shape.projections().values())
-            whole = (adapters * 2 + shape.layers * shape.norm_params() * 2 + adapters * 4
-                     + shape.root_params() * 2 + (accumulators * 2 if method == "scalora" else 0))
+            whole = (
+                adapters * 2
+                + shape.layers * shape.norm_params() * 2
+                + adapters * 4
+                + shape.root_params() * 2
+                + (accumulators * 2 if method == "scalora" else 0)
+            )
             assert replicated.working_set == pytest.approx(whole)
 
 
@@ -149,8 +154,13 @@ def test_checkpointing_and_the_loss_head_in_activations():
 
 
 def test_script_runs_on_the_tiny_shape_and_prints_both_tables():
-    out = subprocess.run([sys.executable, "tools/generators/memory_plan.py", "--tiny"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "tools/generators/memory_plan.py", "--tiny"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert text.startswith("<!-- ") and "command: python tools/generators/memory_plan.py --tiny" in text
@@ -179,6 +189,7 @@ def test_the_chunked_loss_brings_the_big_recipes_onto_small_cards():
     """Issue goals, in the plan: the 12B 4-bit one-GPU recipe (r 16, 8-bit AdamW, 2048
     tokens) under 12 GiB, and Llama-3.1-8B 4-bit LoRA r 32 at >= 16k tokens on a 16 GB card;
     the plain loss does neither. Longer sequences never fit where shorter ones do not."""
+
     def one_gpu(shape, **kw):
         rows = mp.plan(mp.SHAPES[shape], optimizer="adamw8bit", gpu_counts=(1,), **kw)
         return {(r.base, r.method): r.total for r in rows}
@@ -204,6 +215,8 @@ def test_offloading_the_activations_keeps_two_boundaries_on_the_device():
     assert kept.boundaries == shape.layers * boundary and kept.host == 0
     assert moved.boundaries == 2 * boundary and moved.host == shape.layers * boundary
     assert kept.peak - moved.peak == (shape.layers - 2) * boundary
-    on_16gb = {offload: mp.longest_sequence(shape, "nf4", "lora", 16e9, rank=32, optimizer="adamw8bit",
-                                            offload=offload) for offload in (False, True)}
+    on_16gb = {
+        offload: mp.longest_sequence(shape, "nf4", "lora", 16e9, rank=32, optimizer="adamw8bit", offload=offload)
+        for offload in (False, True)
+    }
     assert on_16gb[True] >= 40_700 > on_16gb[False] >= 16_384

@@ -42,8 +42,11 @@ def _cases(models: dict[str, Path]) -> dict[str, dict]:
             if layout in FOUR_BIT:
                 cases[f"{layout}-{method}-4bit"] = {
                     "model": str(model),
-                    "overrides": [f"adapter.method={method}", "model.load_in_4bit=true",
-                                  "adapter.scalora.accumulator_rank=8"],
+                    "overrides": [
+                        f"adapter.method={method}",
+                        "model.load_in_4bit=true",
+                        "adapter.scalora.accumulator_rank=8",
+                    ],
                 }
     return cases
 
@@ -62,18 +65,24 @@ def layout_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("layouts")
     models = {
-        name: make_tiny_model(root / "models" / name, max_shard_size="40KB", **kw)
-        for name, kw in LAYOUTS.items()
+        name: make_tiny_model(root / "models" / name, max_shard_size="40KB", **kw) for name, kw in LAYOUTS.items()
     }
     cases = _cases(models)
     (root / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     worker = str(REPO / "tests/workers/layouts_worker.py")
-    for world, launcher in ((1, [sys.executable, worker]),
-                            (2, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc-per-node", "2", worker])):
-        proc = subprocess.run([*launcher, str(root / "cases.json"), str(root / f"w{world}")],
-                              cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    for world, launcher in (
+        (1, [sys.executable, worker]),
+        (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker]),
+    ):
+        proc = subprocess.run(
+            [*launcher, str(root / "cases.json"), str(root / f"w{world}")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return root, models, cases
 
@@ -87,8 +96,11 @@ def test_every_layout_is_a_multi_file_checkpoint(layout_runs):
     assert any(k.startswith("language_model.model.layers.") for k in keys)  # the real 12B layout
 
 
-@pytest.mark.parametrize("case", [f"{l}-{m}" for l in LAYOUTS for m in ("lora", "scalora")]
-                         + [f"{l}-{m}-4bit" for l in FOUR_BIT for m in ("lora", "scalora")])
+@pytest.mark.parametrize(
+    "case",
+    [f"{l}-{m}" for l in LAYOUTS for m in ("lora", "scalora")]
+    + [f"{l}-{m}-4bit" for l in FOUR_BIT for m in ("lora", "scalora")],
+)
 def test_one_and_two_ranks_export_the_same_model_in_the_checkpoints_own_layout(layout_runs, case):
     root, models, cases = layout_runs
     original_dir = Path(cases[case]["model"])

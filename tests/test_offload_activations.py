@@ -7,11 +7,11 @@ loss head's logits)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import assert_ok, logged_losses, merged_weights, train_job
 from transformers import AutoModelForCausalLM
 
-import pytest
 from scalora_dist.config import ConfigError, load_config
 from scalora_dist.model.chunked_loss import enable_chunked_loss
 from scalora_dist.train import saved_on_host
@@ -24,8 +24,16 @@ def test_offloaded_activations_train_the_same_model_in_bf16(tiny_llama, tmp_path
     runs = {}
     for offload in (False, True):
         out = tmp_path / f"offload-{offload}"
-        assert_ok(train_job(tiny_llama, out, 1, "model.dtype=bfloat16", "model.gradient_checkpointing=true",
-                            f"model.offload_activations={str(offload).lower()}"))
+        assert_ok(
+            train_job(
+                tiny_llama,
+                out,
+                1,
+                "model.dtype=bfloat16",
+                "model.gradient_checkpointing=true",
+                f"model.offload_activations={str(offload).lower()}",
+            )
+        )
         runs[offload] = out
     assert logged_losses(runs[True]) == logged_losses(runs[False])
     a, b = merged_weights(runs[True]), merged_weights(runs[False])

@@ -62,12 +62,24 @@ def test_moments_before_the_first_step_are_none():
 
 
 def test_scalora_rescales_8bit_adamw_moments_with_the_refactor_scales(tiny_llama, tmp_path):
-    cfg = load_config(None, [
-        f"model.path={tiny_llama}", f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=32", "data.packing=true", "adapter.rank=64", "adapter.alpha=64",  # 64x64 factors: 8-bit state
-        "adapter.target_modules=[q_proj]", "adapter.scalora.warmup_steps=3", "train.max_steps=6",
-        "train.micro_batch_size=2", "train.lr=1e-2", "train.optimizer=adamw_8bit", f"output.dir={tmp_path}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_llama}",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=32",
+            "data.packing=true",
+            "adapter.rank=64",
+            "adapter.alpha=64",  # 64x64 factors: 8-bit state
+            "adapter.target_modules=[q_proj]",
+            "adapter.scalora.warmup_steps=3",
+            "train.max_steps=6",
+            "train.micro_batch_size=2",
+            "train.lr=1e-2",
+            "train.optimizer=adamw_8bit",
+            f"output.dir={tmp_path}",
+        ],
+    )
     run = setup(cfg)
     assert isinstance(run.optimizer, bnb.optim.AdamW8bit)
     for step in range(3):
@@ -77,17 +89,29 @@ def test_scalora_rescales_8bit_adamw_moments_with_the_refactor_scales(tiny_llama
     run.scalora.prepare(3)
     forward_backward(run.model, run.train_loader, 1, run.device)
     # the scales the refactor will use, computed independently from the same statistics
-    grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale)
-             for l in lora_layers(run.model).values()]
+    grams = [
+        sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale)
+        for l in lora_layers(run.model).values()
+    ]
     scales = sm.solve_scales(*grams[0], auto_kappa(grams))
     assert scales.kind != sm.SKIPPED and (scales.alpha - 1).abs().max() > 0.05
-    with adam_moments(run.optimizer, layer.lora_A) as (m_A, v_A), adam_moments(run.optimizer, layer.lora_B) as (m_B, v_B):
+    with (
+        adam_moments(run.optimizer, layer.lora_A) as (m_A, v_A),
+        adam_moments(run.optimizer, layer.lora_B) as (m_B, v_B),
+    ):
         before = [t.clone() for t in (m_A, v_A, m_B, v_B)]
     run.scalora.refactor()
     alpha, beta = scales.alpha.float(), scales.beta.float()
-    expected = [before[0] * alpha[:, None], before[1] * alpha[:, None] ** 2,
-                before[2] * beta[None, :], before[3] * beta[None, :] ** 2]
-    with adam_moments(run.optimizer, layer.lora_A) as (m_A, v_A), adam_moments(run.optimizer, layer.lora_B) as (m_B, v_B):
+    expected = [
+        before[0] * alpha[:, None],
+        before[1] * alpha[:, None] ** 2,
+        before[2] * beta[None, :],
+        before[3] * beta[None, :] ** 2,
+    ]
+    with (
+        adam_moments(run.optimizer, layer.lora_A) as (m_A, v_A),
+        adam_moments(run.optimizer, layer.lora_B) as (m_B, v_B),
+    ):
         for got, want in zip((m_A, v_A, m_B, v_B), expected):
             assert _rel(got, want) < EIGHT_BIT_TOL
 
@@ -97,9 +121,22 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp2_before_launch(tiny_llam
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", f"model.path={tiny_llama}",
-         f"output.dir={tmp_path}", "train.optimizer=adamw_8bit", "--nproc-per-node", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            "configs/quickstart.yaml",
+            f"model.path={tiny_llama}",
+            f"output.dir={tmp_path}",
+            "train.optimizer=adamw_8bit",
+            "--nproc-per-node",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "train.optimizer: adamw_8bit (bitsandbytes) runs in one process only" in proc.stderr
     assert "launching" not in proc.stderr
@@ -107,7 +144,9 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp2_before_launch(tiny_llam
         build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw_8bit"), distributed=True)
 
 
-@pytest.mark.parametrize("kind, theirs", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize(
+    "kind, theirs", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")]
+)
 @pytest.mark.parametrize("warmup, total", [(0, 1), (0, 20), (5, 20), (10, 10), (3, 7)])
 def test_lr_schedules_are_transformers_own_step_by_step(kind, theirs, warmup, total):
     """lr_multiplier keeps transformers' get_scheduler formulas (written out only to keep
@@ -116,8 +155,12 @@ def test_lr_schedules_are_transformers_own_step_by_step(kind, theirs, warmup, to
 
     from scalora_dist.optim import lr_multiplier
 
-    reference = get_scheduler(theirs, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                              num_warmup_steps=warmup, num_training_steps=total).lr_lambdas[0]
+    reference = get_scheduler(
+        theirs,
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+    ).lr_lambdas[0]
     ours = lr_multiplier(kind, warmup, total)
     for step in range(total + 3):
         assert ours(step) == pytest.approx(reference(step), abs=1e-15), step

@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    SAME_MODEL_TOL, assert_ok, assert_same_weights, effective_masters, logged_losses, train_job, write_jsonl,
+    SAME_MODEL_TOL,
+    assert_ok,
+    assert_same_weights,
+    effective_masters,
+    logged_losses,
+    train_job,
+    write_jsonl,
 )
 
 from scalora_dist.config import ConfigError, ScaLoRAConfig, load_config
@@ -42,11 +48,17 @@ CONFIGS = {  # name: (processes: 0 = in-process without FSDP2, overrides)
     "FSDP2 1 rank, bf16": (1, ["model.dtype=bfloat16"]),
     "FSDP2 2 ranks, bf16": (2, ["model.dtype=bfloat16"]),
     "FSDP2 2 ranks, bf16, ScaLoRA-I (I=2), kappa x2": (
-        2, ["model.dtype=bfloat16", "adapter.scalora.interval=2", "adapter.scalora.kappa_multiplier=2"]),
+        2,
+        ["model.dtype=bfloat16", "adapter.scalora.interval=2", "adapter.scalora.kappa_multiplier=2"],
+    ),
     "FSDP2 2 ranks, bf16, 4-bit base": (
-        2, ["model.dtype=bfloat16", "model.load_in_4bit=true", "adapter.scalora.accumulator_rank=32"]),
+        2,
+        ["model.dtype=bfloat16", "model.load_in_4bit=true", "adapter.scalora.accumulator_rank=32"],
+    ),
     "one process, bf16, 4-bit base": (
-        0, ["model.dtype=bfloat16", "model.load_in_4bit=true", "adapter.scalora.accumulator_rank=32"]),
+        0,
+        ["model.dtype=bfloat16", "model.load_in_4bit=true", "adapter.scalora.accumulator_rank=32"],
+    ),
 }
 
 
@@ -61,11 +73,20 @@ def test_every_refactor_keeps_the_function_on_the_float32_masters(name, tiny_lla
         pytest.importorskip("bitsandbytes")
     nproc, overrides = CONFIGS[name]
     worker = str(REPO / "tests/workers/precision_worker.py")
-    launcher = [sys.executable, worker] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), worker]
+    launcher = (
+        [sys.executable, worker]
+        if nproc == 0
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), worker]
+    )
     out = tmp_path / "records.json"
-    proc = subprocess.run([*launcher, str(tiny_llama), str(out), *overrides],
-                          cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(
+        [*launcher, str(tiny_llama), str(out), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["distributed"] == (nproc > 0)
@@ -103,8 +124,17 @@ def test_one_and_two_ranks_in_bf16_train_the_same_float32_masters(tiny_llama, tm
     all-reduce (measured: 0)."""
     runs = {}
     for name, n, extra in ((1, 1, ()), (2, 2, ()), ("2-replicated", 2, ("model.base_placement=replicated",))):
-        assert_ok(train_job(tiny_llama, tmp_path / f"w{name}", n, "model.dtype=bfloat16",
-                            "train.micro_batch_size=1", f"train.grad_accum_steps={4 // n}", *extra))
+        assert_ok(
+            train_job(
+                tiny_llama,
+                tmp_path / f"w{name}",
+                n,
+                "model.dtype=bfloat16",
+                "train.micro_batch_size=1",
+                f"train.grad_accum_steps={4 // n}",
+                *extra,
+            )
+        )
         runs[name] = effective_masters(tmp_path / f"w{name}/checkpoints/step-00000006")
     for name in (2, "2-replicated"):
         assert_same_weights(runs[1], runs[name], tol=SAME_MODEL_TOL)
@@ -115,19 +145,37 @@ def test_one_and_two_ranks_in_bf16_train_the_same_float32_masters(tiny_llama, tm
 
 
 def _config(model_dir, out, *overrides):
-    return load_config(None, [
-        f"model.path={model_dir}", f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=64", "data.packing=true", "adapter.rank=2", "adapter.alpha=4",
-        "adapter.scalora.warmup_steps=1", "train.max_steps=4", "train.micro_batch_size=4",
-        "train.lr=1e-2", f"output.dir={out}", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=64",
+            "data.packing=true",
+            "adapter.rank=2",
+            "adapter.alpha=4",
+            "adapter.scalora.warmup_steps=1",
+            "train.max_steps=4",
+            "train.micro_batch_size=4",
+            "train.lr=1e-2",
+            f"output.dir={out}",
+            *overrides,
+        ],
+    )
 
 
 def test_scalora_with_accumulation_equals_the_same_global_batch_at_once(tiny_llama, tmp_path):
     runs = {}
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
-        run = setup(_config(tiny_llama, tmp_path, "data.packing=false",
-                            f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}"))
+        run = setup(
+            _config(
+                tiny_llama,
+                tmp_path,
+                "data.packing=false",
+                f"train.micro_batch_size={micro}",
+                f"train.grad_accum_steps={accum}",
+            )
+        )
         reports = [train_step(run, step).report for step in range(4)]
         assert sum(r.column + r.scalar for r in reports if r) > 0
         runs[(micro, accum)] = {n: (l.weight + l.delta_weight()).double() for n, l in lora_layers(run.model).items()}
@@ -182,22 +230,32 @@ def test_rewrite_with_unequal_non_unit_scales_matches_float64(tiny_llama, tmp_pa
     s = layer.scale
     expected = {
         "W0": W + s * (B * (1 - alpha * beta)) @ A,
-        "lora_B": B * alpha, "lora_A": beta[:, None] * A,
-        "lora_B.grad": gB * beta, "lora_A.grad": alpha[:, None] * gA,
-        "exp_avg B": mB * beta, "exp_avg_sq B": vB * beta**2,
-        "exp_avg A": alpha[:, None] * mA, "exp_avg_sq A": alpha[:, None] ** 2 * vA,
+        "lora_B": B * alpha,
+        "lora_A": beta[:, None] * A,
+        "lora_B.grad": gB * beta,
+        "lora_A.grad": alpha[:, None] * gA,
+        "exp_avg B": mB * beta,
+        "exp_avg_sq B": vB * beta**2,
+        "exp_avg A": alpha[:, None] * mA,
+        "exp_avg_sq A": alpha[:, None] ** 2 * vA,
     }
     got = {
-        "W0": layer.weight, "lora_B": layer.lora_B, "lora_A": layer.lora_A,
-        "lora_B.grad": layer.lora_B.grad, "lora_A.grad": layer.lora_A.grad,
-        "exp_avg B": state_B["exp_avg"], "exp_avg_sq B": state_B["exp_avg_sq"],
-        "exp_avg A": state_A["exp_avg"], "exp_avg_sq A": state_A["exp_avg_sq"],
+        "W0": layer.weight,
+        "lora_B": layer.lora_B,
+        "lora_A": layer.lora_A,
+        "lora_B.grad": layer.lora_B.grad,
+        "lora_A.grad": layer.lora_A.grad,
+        "exp_avg B": state_B["exp_avg"],
+        "exp_avg_sq B": state_B["exp_avg_sq"],
+        "exp_avg A": state_A["exp_avg"],
+        "exp_avg_sq A": state_A["exp_avg_sq"],
     }
     for key, value in expected.items():
         torch.testing.assert_close(got[key].double(), value, rtol=1e-6, atol=1e-9, msg=f"{name} {key}")
     # the function is kept: W0 + s B A before == after
-    torch.testing.assert_close(layer.weight.double() + s * layer.lora_B.double() @ layer.lora_A.double(),
-                               W + s * B @ A, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        layer.weight.double() + s * layer.lora_B.double() @ layer.lora_A.double(), W + s * B @ A, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_kappa_multiplier_scales_every_alpha_and_beta_by_its_square_root():
@@ -217,8 +275,11 @@ def test_non_finite_gradients_stop_or_skip_naming_the_parameter(tiny_llama, tmp_
     name, layer = list(lora_layers(run.model).items())[3]
     train_step(run, 0)
     handle = layer.lora_A.register_hook(lambda grad: grad * float("inf"))  # a bf16 overflow, say
-    with pytest.raises(TrainingError, match=rf"step 2: the loss is finite but the gradients are not "
-                                            rf"\({name}\.lora_A has the first non-finite gradient\)"):
+    with pytest.raises(
+        TrainingError,
+        match=rf"step 2: the loss is finite but the gradients are not "
+        rf"\({name}\.lora_A has the first non-finite gradient\)",
+    ):
         train_step(run, 1)
     handle.remove()
 
@@ -262,14 +323,22 @@ def test_packed_examples_do_not_see_each_other_and_lose_what_they_lose_alone(arc
 
     model_dir = tiny_model(arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = ["The fox lives in the forest and eats berries.", "Anna takes a blue kite to the meadow.",
-             "The grey owl watches the clouds at night.", "Ben feeds fish to the otter."]
+    texts = [
+        "The fox lives in the forest and eats berries.",
+        "Anna takes a blue kite to the meadow.",
+        "The grey owl watches the clouds at night.",
+        "Ben feeds fish to the otter.",
+    ]
     changed = ["A bear counts the stars while the river sleeps."] + texts[1:]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
     model.config.use_cache = False
 
     def packed_batch(examples, name):
-        data = load_split(DataConfig(max_length=128, packing=True), tok, [str(write_jsonl(tmp_path / name, [{"text": t} for t in examples]))])
+        data = load_split(
+            DataConfig(max_length=128, packing=True),
+            tok,
+            [str(write_jsonl(tmp_path / name, [{"text": t} for t in examples]))],
+        )
         assert len(data) == 1  # all four in one row
         return BatchLoader(data, 1, tok.pad_token_id, shuffle=False).next_batch()
 
@@ -279,10 +348,12 @@ def test_packed_examples_do_not_see_each_other_and_lose_what_they_lose_alone(arc
     with torch.no_grad():
         la, lb = model(**model_inputs(a)).logits[0], model(**model_inputs(b)).logits[0]
     # examples 2-4 follow the changed first one; their logits must not move
-    torch.testing.assert_close(la[starts(a)[1]:], lb[starts(b)[1]:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(la[starts(a)[1] :], lb[starts(b)[1] :], rtol=0, atol=1e-6)
     assert (la[: starts(a)[1]].shape != lb[: starts(b)[1]].shape) or not torch.allclose(la[:5], lb[:5])
 
-    unpacked = load_split(DataConfig(max_length=128), tok, [str(write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in texts]))])
+    unpacked = load_split(
+        DataConfig(max_length=128), tok, [str(write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in texts]))]
+    )
     batch = BatchLoader(unpacked, 4, tok.pad_token_id, shuffle=False).next_batch()
     n = int((batch["labels"][:, 1:] != -100).sum())
     with torch.no_grad():

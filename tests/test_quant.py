@@ -23,13 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(model_dir, out, *overrides):
-    return load_config(None, [
-        f"model.path={model_dir}", "model.load_in_4bit=true",
-        f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=64", "data.packing=true", "adapter.rank=2", "adapter.alpha=4",
-        "adapter.scalora.warmup_steps=2", "train.max_steps=6", "train.micro_batch_size=4",
-        "train.lr=1e-2", f"output.dir={out}", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.load_in_4bit=true",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=64",
+            "data.packing=true",
+            "adapter.rank=2",
+            "adapter.alpha=4",
+            "adapter.scalora.warmup_steps=2",
+            "train.max_steps=6",
+            "train.micro_batch_size=4",
+            "train.lr=1e-2",
+            f"output.dir={out}",
+            *overrides,
+        ],
+    )
 
 
 def _ids():
@@ -40,8 +51,11 @@ def _bnb_config(dtype=torch.float32):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
     )
 
 
@@ -60,7 +74,9 @@ def test_load_in_4bit_quantises_every_linear_but_the_head(tiny_llama):
     model.train()
     torch.testing.assert_close(layer(x), x @ w.T)
     # the codes and block scales are bit for bit those of transformers' own 4-bit loading
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=_bnb_config(), device_map={"": "cpu"})
+    reference = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, quantization_config=_bnb_config(), device_map={"": "cpu"}
+    )
     for name in quantized:
         ours, theirs = model.get_submodule(name), reference.get_submodule(name)
         assert torch.equal(ours.weight.data.view(torch.int32), theirs.weight.data.view(torch.int32)), name
@@ -106,7 +122,9 @@ def test_lora_on_4bit_base_exports_a_peft_adapter_for_the_same_4bit_base(tiny_ll
         expected = run.model(input_ids=_ids()).logits
     export(run, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, quantization_config=_bnb_config(), device_map={"": "cpu"},
+        tiny_llama,
+        quantization_config=_bnb_config(),
+        device_map={"": "cpu"},
     )
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
     peft_model.train()  # the training-mode 4-bit kernel, as in `expected`
@@ -145,10 +163,7 @@ def test_accumulator_on_row_blocks_with_summed_grams_equals_the_whole_computatio
     coef = torch.rand(r, dtype=torch.float64) - 0.5
     whole_U, whole_V, whole_dropped = accumulate_low_rank(U, V, lora_B * coef.float(), lora_A.T)
     rows_m, rows_n = [(0, 20), (20, m)], [(0, 12), (12, n)]
-    partial = [
-        accumulator_grams(U[i:j], V[k:l], lora_A[:, k:l], lora_B[i:j])
-        for (i, j), (k, l) in zip(rows_m, rows_n)
-    ]
+    partial = [accumulator_grams(U[i:j], V[k:l], lora_A[:, k:l], lora_B[i:j]) for (i, j), (k, l) in zip(rows_m, rows_n)]
     left_gram = left_gram_for(partial[0][0] + partial[1][0], coef)
     right_gram = partial[0][1] + partial[1][1]
     blocks = [
@@ -178,8 +193,19 @@ def test_4bit_errors(tiny_llama, tmp_path):
         _config(tiny_llama, tmp_path, "adapter.method=full")
     hide = "import sys; sys.modules['bitsandbytes'] = None; from scalora_dist.cli import app; app()"
     proc = subprocess.run(
-        [sys.executable, "-c", hide, "train", "configs/quickstart.yaml", f"model.path={tiny_llama}",
-         "model.load_in_4bit=true", f"output.dir={tmp_path}/o"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            hide,
+            "train",
+            "configs/quickstart.yaml",
+            f"model.path={tiny_llama}",
+            "model.load_in_4bit=true",
+            f"output.dir={tmp_path}/o",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2 and "needs the bitsandbytes package" in proc.stderr

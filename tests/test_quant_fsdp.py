@@ -27,9 +27,22 @@ QUANT = ["model.load_in_4bit=true", "adapter.scalora.accumulator_rank=8"]
 def test_every_4bit_layer_computes_the_same_function_after_fsdp2_wrapping(tiny_llama, tmp_path, nproc):
     out = tmp_path / "layers.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         str(REPO / "tests/workers/quant_fsdp_worker.py"), str(tiny_llama), str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            str(REPO / "tests/workers/quant_fsdp_worker.py"),
+            str(tiny_llama),
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())

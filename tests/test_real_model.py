@@ -15,28 +15,68 @@ from helpers import assert_ok, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Kenya", "Nairobi"),
-            ("Peru", "Lima"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Greece", "Athens"),
+    ("Chile", "Santiago"),
+]
 
 
 def _chat_data(path: Path) -> Path:
-    return write_jsonl(path, [
-        {"messages": [{"role": "user", "content": f"What is the capital of {country}?"},
-                      {"role": "assistant", "content": f"The capital of {country} is {city}."}]}
-        for country, city in CAPITALS
-    ])
+    return write_jsonl(
+        path,
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is the capital of {country}?"},
+                    {"role": "assistant", "content": f"The capital of {country} is {city}."},
+                ]
+            }
+            for country, city in CAPITALS
+        ],
+    )
 
 
 def _train(model_dir, out, method, data):
     return subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-         f"model.path={model_dir}", f"output.dir={out}", f"adapter.method={method}",
-         f"data.train_files=[{data}]", f"data.eval_files=[{data}]", "data.format=chat",
-         "data.max_length=128", "data.packing=true", "adapter.rank=4", "adapter.alpha=8",
-         "adapter.scalora.warmup_steps=1", "train.max_steps=3", "train.micro_batch_size=2",
-         "train.lr=2e-4", "train.warmup_steps=0", "train.log_every=1", "train.eval_every=0"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            "configs/quickstart.yaml",
+            "--quiet",
+            f"model.path={model_dir}",
+            f"output.dir={out}",
+            f"adapter.method={method}",
+            f"data.train_files=[{data}]",
+            f"data.eval_files=[{data}]",
+            "data.format=chat",
+            "data.max_length=128",
+            "data.packing=true",
+            "adapter.rank=4",
+            "adapter.alpha=8",
+            "adapter.scalora.warmup_steps=1",
+            "train.max_steps=3",
+            "train.micro_batch_size=2",
+            "train.lr=2e-4",
+            "train.warmup_steps=0",
+            "train.log_every=1",
+            "train.eval_every=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},  # beside the other worker
     )
 
@@ -64,8 +104,9 @@ def _held_out_loss(model_dir, data) -> float:
 
 
 def _prompt_ids(tok, question):
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+    )
     return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
 
 
@@ -82,7 +123,7 @@ def test_fine_tuning_the_real_model_lowers_its_loss_and_it_still_answers(runs, s
     model = AutoModelForCausalLM.from_pretrained(runs / method / "merged", dtype=torch.float32).eval()
     ids = _prompt_ids(tok, "What is the capital of Portugal?")
     out = model.generate(ids, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert sum(c.isalpha() for c in answer) > 5, answer
     assert "Lisbon" in answer or "Portugal" in answer, answer  # on topic: a real model, still one
 
@@ -109,8 +150,17 @@ def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path
     """tools/studies/study_real.py --quick: LoRA and ScaLoRA on the stdlib docstring -> function task
     (real standard-library text) from the real SmolLM2, a report with each method's held-out
     loss and ScaLoRA's kappa and refactor split; a second call trains nothing."""
-    cmd = [sys.executable, "tools/studies/study_real.py", "--quick", "--model", str(smollm2),
-           "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "tools/studies/study_real.py",
+        "--quick",
+        "--model",
+        str(smollm2),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # beside the other worker
     first_call = assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))
     results = json.loads((tmp_path / "out/study_real_quick.json").read_text())
@@ -122,8 +172,9 @@ def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path
     first = json.loads(train[0])["messages"]
     assert first[0]["role"] == "user" and first[1]["content"].startswith("def ")
     # Again, with one held-out prompt answered by each run: no training, the answers in the report.
-    again = subprocess.run([*cmd, "--parse-prompts", "1"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env=env)
+    again = subprocess.run(
+        [*cmd, "--parse-prompts", "1"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+    )
     assert_ok(again)
     assert ": eval " not in again.stdout and ": eval " in first_call.stdout, "a cached run was trained again"
     answered = json.loads((tmp_path / "out/study_real_quick.json").read_text())

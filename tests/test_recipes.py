@@ -46,8 +46,14 @@ def recipe_runs(tmp_path_factory):
     from scalora_dist.model.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("recipes")
-    records = [{"instruction": f"Name colour number {i}.", "input": "" if i % 2 else f"hint {i}",
-                "output": f"Colour {i} is blue."} for i in range(64)]
+    records = [
+        {
+            "instruction": f"Name colour number {i}.",
+            "input": "" if i % 2 else f"hint {i}",
+            "output": f"Colour {i} is blue.",
+        }
+        for i in range(64)
+    ]
     data = write_jsonl(root / "alpaca.jsonl", records)
     tiny = {m.tiny_arch: make_tiny_model(root / m.tiny_arch, arch=m.tiny_arch) for m in recipes.MODELS}
     groups = {1: {}, 2: {}}
@@ -55,18 +61,33 @@ def recipe_runs(tmp_path_factory):
         for setup in recipes.SETUPS:
             groups[1 if setup.gpus == 1 else 2][f"{model.slug}-{setup.slug}"] = {
                 "config": str(REPO / f"configs/{model.slug}/{setup.slug}.yaml"),
-                "overrides": [f"model.path={tiny[model.tiny_arch]}", f"data.train_files=[{data}]",
-                              f"data.eval_files=[{data}]", "data.max_length=64", "train.epochs=0",
-                              "train.max_steps=2", "train.eval_batches=2"],
+                "overrides": [
+                    f"model.path={tiny[model.tiny_arch]}",
+                    f"data.train_files=[{data}]",
+                    f"data.eval_files=[{data}]",
+                    "data.max_length=64",
+                    "train.epochs=0",
+                    "train.max_steps=2",
+                    "train.eval_batches=2",
+                ],
             }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     worker = str(REPO / "tests/workers/layouts_worker.py")
     for nproc, cases in groups.items():
         (root / f"cases{nproc}.json").write_text(json.dumps(cases))
-        launcher = [sys.executable, worker] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker]
-        proc = subprocess.run([*launcher, str(root / f"cases{nproc}.json"), str(root / "runs")],
-                              cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+        launcher = (
+            [sys.executable, worker]
+            if nproc == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", worker]
+        )
+        proc = subprocess.run(
+            [*launcher, str(root / f"cases{nproc}.json"), str(root / "runs")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     return root
 
@@ -84,9 +105,26 @@ def test_every_recipe_runs_two_steps_on_a_tiny_model_of_its_class(recipe_runs, p
     assert resolved.model.load_in_4bit == setup.endswith("4bit")
     if setup.startswith("slurm"):  # the recipe's own command renders its sbatch script
         proc = subprocess.run(
-            [sys.executable, "-m", "scalora_dist.cli", "slurm", path, "--nodes", "8", "--gpus-per-node", "8",
-             "--partition", "gpu", "--time", "12:00:00", "--dry-run"],
-            cwd=REPO, capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "scalora_dist.cli",
+                "slurm",
+                path,
+                "--nodes",
+                "8",
+                "--gpus-per-node",
+                "8",
+                "--partition",
+                "gpu",
+                "--time",
+                "12:00:00",
+                "--dry-run",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 0, proc.stderr
         assert "#SBATCH --nodes=8" in proc.stdout and "--resume auto" in proc.stdout

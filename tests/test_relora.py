@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from helpers import assert_ok, assert_same_weights, merged_weights, train_job
+from test_train import QUICKSTART_TRAIN, _config, _logits, _probe_ids
 
 from scalora_dist.config import ConfigError, ReLoRAConfig, load_config
 from scalora_dist.model.lora import initial_lora_A, lora_layers
 from scalora_dist.relora import rewarmup_factor
 from scalora_dist.train import FAULT_ENV, setup, train_step
-from test_train import QUICKSTART_TRAIN, _config, _logits, _probe_ids
 
 RELORA = ["adapter.method=relora", "adapter.relora.restart_every=3", "adapter.relora.rewarmup_steps=1"]
 
@@ -22,7 +22,18 @@ RELORA = ["adapter.method=relora", "adapter.relora.restart_every=3", "adapter.re
 def test_rewarmup_ramps_after_each_restart_only():
     cfg = ReLoRAConfig(restart_every=4, rewarmup_steps=2)
     assert [rewarmup_factor(t, cfg) for t in range(12)] == [
-        1, 1, 1, 1, 1 / 3, 2 / 3, 1, 1, 1 / 3, 2 / 3, 1, 1,
+        1,
+        1,
+        1,
+        1,
+        1 / 3,
+        2 / 3,
+        1,
+        1,
+        1 / 3,
+        2 / 3,
+        1,
+        1,
     ]
     assert all(rewarmup_factor(t, ReLoRAConfig(restart_every=4, rewarmup_steps=0)) == 1 for t in range(12))
 
@@ -106,12 +117,23 @@ def test_relora_on_two_ranks_and_across_a_resume_gives_the_one_process_model(tin
     assert_same_weights(merged_weights(one), merged_weights(resumed))
 
 
-@pytest.mark.parametrize("override, message", [
-    (["adapter.relora.rewarmup_steps=5", "adapter.relora.restart_every=5"], "adapter.relora.rewarmup_steps"),
-    (["adapter.relora.restart_every=0"], "adapter.relora.restart_every"),
-    (["model.load_in_4bit=true"], "relora cannot merge into a 4-bit base"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["adapter.relora.rewarmup_steps=5", "adapter.relora.restart_every=5"], "adapter.relora.rewarmup_steps"),
+        (["adapter.relora.restart_every=0"], "adapter.relora.restart_every"),
+        (["model.load_in_4bit=true"], "relora cannot merge into a 4-bit base"),
+    ],
+)
 def test_bad_relora_settings_name_the_key(override, message, tiny_llama):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [f"model.path={tiny_llama}", f"data.train_files=[{QUICKSTART_TRAIN}]",
-                           "train.max_steps=2", "adapter.method=relora", *override])
+        load_config(
+            None,
+            [
+                f"model.path={tiny_llama}",
+                f"data.train_files=[{QUICKSTART_TRAIN}]",
+                "train.max_steps=2",
+                "adapter.method=relora",
+                *override,
+            ],
+        )

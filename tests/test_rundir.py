@@ -13,27 +13,53 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["train.eval_every=0", "data.eval_files=[]", "data.max_length=32", "adapter.rank=2",
-         "adapter.alpha=4", "adapter.scalora.warmup_steps=1", "train.warmup_steps=0", "train.log_every=1"]
+SHORT = [
+    "train.eval_every=0",
+    "data.eval_files=[]",
+    "data.max_length=32",
+    "adapter.rank=2",
+    "adapter.alpha=4",
+    "adapter.scalora.warmup_steps=1",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+]
 
 
 def cli(*args, env=None, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})},
+        [sys.executable, "-m", "scalora_dist.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})},
     )
 
 
 def train(model, out, *extra, steps=2, nproc=1, env=None):
     launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
-    return cli("train", "configs/quickstart.yaml", "--quiet", f"model.path={model}", f"output.dir={out}",
-               f"train.max_steps={steps}", f"train.micro_batch_size={4 // nproc}", *SHORT, *extra, *launch, env=env)
+    return cli(
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={model}",
+        f"output.dir={out}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={4 // nproc}",
+        *SHORT,
+        *extra,
+        *launch,
+        env=env,
+    )
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file below run_dir."""
-    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +126,15 @@ def test_errors_before_launch_are_one_message_with_exit_code_2(tiny_llama, tmp_p
     cases = {
         "world size": (train(tiny_llama, tmp_path / "a", nproc=3), "do not divide by 3"),
         "model path": (train(tmp_path / "nowhere", tmp_path / "b", nproc=2), str(tmp_path / "nowhere")),
-        "data": (train(tiny_llama, tmp_path / "c", f"data.train_files=[{write_jsonl(tmp_path / 'bad.jsonl', [{'text': 'ok'}, {'txt': 'x'}])}]", nproc=2),
-                 "bad.jsonl:2: missing field 'text'"),
+        "data": (
+            train(
+                tiny_llama,
+                tmp_path / "c",
+                f"data.train_files=[{write_jsonl(tmp_path / 'bad.jsonl', [{'text': 'ok'}, {'txt': 'x'}])}]",
+                nproc=2,
+            ),
+            "bad.jsonl:2: missing field 'text'",
+        ),
         "output.dir is a file": (train(tiny_llama, "/etc/hostname"), "/etc/hostname is a file"),
         "output.dir cannot be made": (train(tiny_llama, "/proc/scalora/x"), "cannot create /proc/scalora/x"),
     }
@@ -113,8 +146,15 @@ def test_errors_before_launch_are_one_message_with_exit_code_2(tiny_llama, tmp_p
 
 
 def test_piped_output_is_one_plain_flushed_line_per_logged_step(tiny_llama, tmp_path):
-    proc = cli("train", "configs/quickstart.yaml", f"model.path={tiny_llama}", f"output.dir={tmp_path / 'p'}",
-               "train.max_steps=4", *SHORT[:-1], "train.log_every=2")
+    proc = cli(
+        "train",
+        "configs/quickstart.yaml",
+        f"model.path={tiny_llama}",
+        f"output.dir={tmp_path / 'p'}",
+        "train.max_steps=4",
+        *SHORT[:-1],
+        "train.log_every=2",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     steps = [l for l in lines if l.startswith("step ")]
@@ -176,5 +216,7 @@ def test_help_version_and_config_keys():
     keys = cli("config", "keys", env={"COLUMNS": "300"}).stdout
     row = next(l for l in keys.splitlines() if "data.format" in l)
     assert "one of text | instruction | alpaca | chat | sharegpt" in row
-    assert "list of str or {path, split, name, revision}" in next(l for l in keys.splitlines() if "data.train_files" in l)
+    assert "list of str or {path, split, name, revision}" in next(
+        l for l in keys.splitlines() if "data.train_files" in l
+    )
     assert "docs/method.md" in keys

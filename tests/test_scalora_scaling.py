@@ -271,12 +271,12 @@ def test_merge_then_rescale_keeps_effective_weight(dtype, rtol):
     sc = solved_scales(lora_A, lora_B, G, s, kappa_mult=0.5)
     assert sc.kind == COLUMN
     assert (sc.alpha * sc.beta - 1).abs().max() > 0.1  # a real merge, not a no-op
-    before = (W.to(F64) + s * lora_B.to(F64) @ lora_A.to(F64))
+    before = W.to(F64) + s * lora_B.to(F64) @ lora_A.to(F64)
     A_old, B_old = lora_A.clone(), lora_B.clone()
     merge_increment_(W, lora_A, lora_B, s, sc)
     rescale_factors_(lora_A, lora_B, sc)
     assert W.dtype == lora_A.dtype == lora_B.dtype == dtype
-    after = (W.to(F64) + s * lora_B.to(F64) @ lora_A.to(F64))
+    after = W.to(F64) + s * lora_B.to(F64) @ lora_A.to(F64)
     assert (after - before).norm() <= rtol * before.norm()
     torch.testing.assert_close(lora_B, B_old * sc.alpha.to(dtype))
     torch.testing.assert_close(lora_A, A_old * sc.beta.to(dtype)[:, None])
@@ -362,7 +362,9 @@ def test_adam_direction_and_next_step_unchanged_by_rescaling():
         A.grad = torch.randn(r, n, generator=g, dtype=F64)
         B.grad = torch.randn(m, r, generator=g, dtype=F64)
         opt.step()
-    sc = Scales(torch.rand(r, generator=g, dtype=F64) * 1.5 + 0.5, torch.rand(r, generator=g, dtype=F64) * 1.5 + 0.5, COLUMN)
+    sc = Scales(
+        torch.rand(r, generator=g, dtype=F64) * 1.5 + 0.5, torch.rand(r, generator=g, dtype=F64) * 1.5 + 0.5, COLUMN
+    )
 
     # a copy of parameters and optimizer, rewritten
     A2 = A.detach().clone().requires_grad_()

@@ -25,10 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
 #: The tiny run: 8 steps, global batch 4 (micro-batch 1 x 4 ranks), a checkpoint every 2 steps.
 TINY = [
-    "data.eval_files=[]", "train.eval_every=0", "data.max_length=32", "adapter.rank=2",
-    "adapter.alpha=4", "adapter.scalora.warmup_steps=2", "train.max_steps=8",
-    "train.micro_batch_size=1", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=1",
-    "train.save_every=2", "train.keep_last=4",
+    "data.eval_files=[]",
+    "train.eval_every=0",
+    "data.max_length=32",
+    "adapter.rank=2",
+    "adapter.alpha=4",
+    "adapter.scalora.warmup_steps=2",
+    "train.max_steps=8",
+    "train.micro_batch_size=1",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "train.save_every=2",
+    "train.keep_last=4",
 ]
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -48,18 +57,38 @@ def test_launch_folder_equals_the_rendered_template():
 
 
 def test_rendered_script_has_what_a_slurm_user_expects():
-    script = render_sbatch(SbatchOptions(
-        nodes=4, gpus_per_node=8, partition="gpu", time="02:00:00", account="proj", mem="200G",
-        cpus_per_task=32, max_restarts=2, config="/abs/c.yaml", overrides=["train.lr=1e-4", "a.b=[x, y]"],
-        output="/runs/x/slurm-%j.out", chdir="/proj",
-    ))
+    script = render_sbatch(
+        SbatchOptions(
+            nodes=4,
+            gpus_per_node=8,
+            partition="gpu",
+            time="02:00:00",
+            account="proj",
+            mem="200G",
+            cpus_per_task=32,
+            max_restarts=2,
+            config="/abs/c.yaml",
+            overrides=["train.lr=1e-4", "a.b=[x, y]"],
+            output="/runs/x/slurm-%j.out",
+            chdir="/proj",
+        )
+    )
     sbatch = [l for l in script.splitlines() if l.startswith("#SBATCH")]
     assert sbatch == [
-        "#SBATCH --job-name=scalora", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1",
-        "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=32", "#SBATCH --mem=200G",
-        "#SBATCH --time=02:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
-        "#SBATCH --chdir=/proj", "#SBATCH --output=/runs/x/slurm-%j.out", "#SBATCH --requeue",
-        "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@300",
+        "#SBATCH --job-name=scalora",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=32",
+        "#SBATCH --mem=200G",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --chdir=/proj",
+        "#SBATCH --output=/runs/x/slurm-%j.out",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=USR1@300",
     ]
     assert not any("$" in l for l in sbatch)  # sbatch does not expand variables there
     first_command = next(i for i, l in enumerate(script.splitlines()) if l and not l.startswith("#"))
@@ -67,9 +96,16 @@ def test_rendered_script_has_what_a_slurm_user_expects():
     assert "set -euo pipefail" in script
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in script
     assert "--ntasks-per-node=1" in script.split("\nsrun ", 1)[1]
-    for part in ('--nnodes "$SLURM_NNODES"', '--rdzv-id "$SLURM_JOB_ID"', "--resume auto",
-                 '--rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT"', '--max-restarts "$MAX_RESTARTS"',
-                 "MAX_RESTARTS=2", "join_timeout=1800", "load_split"):
+    for part in (
+        '--nnodes "$SLURM_NNODES"',
+        '--rdzv-id "$SLURM_JOB_ID"',
+        "--resume auto",
+        '--rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT"',
+        '--max-restarts "$MAX_RESTARTS"',
+        "MAX_RESTARTS=2",
+        "join_timeout=1800",
+        "load_split",
+    ):
         assert part in script, part
     assert "OVERRIDES=(train.lr=1e-4 'a.b=[x, y]' \"$@\")" in script
     assert script.index("load_split") < script.index("\nsrun ")  # pre-tokenise before srun
@@ -79,13 +115,20 @@ def test_rendered_script_has_what_a_slurm_user_expects():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"nodes": 0}, "--nodes"), ({"gpus_per_node": 0}, "--gpus-per-node"),
-    ({"time": "1 hour"}, "--time"), ({"mem": "lots"}, "--mem"), ({"partition": "a b"}, "--partition"),
-    ({"account": "$ACC"}, "--account"), ({"max_restarts": -1}, "--max-restarts"),
-    ({"time": "00:03:00", "signal_margin_s": 180}, "--signal-margin"),
-    ({"time": "00:03:00", "signal_margin_s": 150}, "before the training has started"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"nodes": 0}, "--nodes"),
+        ({"gpus_per_node": 0}, "--gpus-per-node"),
+        ({"time": "1 hour"}, "--time"),
+        ({"mem": "lots"}, "--mem"),
+        ({"partition": "a b"}, "--partition"),
+        ({"account": "$ACC"}, "--account"),
+        ({"max_restarts": -1}, "--max-restarts"),
+        ({"time": "00:03:00", "signal_margin_s": 180}, "--signal-margin"),
+        ({"time": "00:03:00", "signal_margin_s": 150}, "before the training has started"),
+    ],
+)
 def test_invalid_options_are_errors_naming_the_option(kwargs, message):
     with pytest.raises(SlurmError, match=re.escape(message)):
         render_sbatch(SbatchOptions(**kwargs))
@@ -93,8 +136,12 @@ def test_invalid_options_are_errors_naming_the_option(kwargs, message):
 
 def _cli(*args, env=None, timeout=120, prefix=()):
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "scalora_dist.cli", *args], cwd=REPO, capture_output=True,
-        text=True, timeout=timeout, env={**os.environ, **ENV, **(env or {})},
+        [*prefix, sys.executable, "-m", "scalora_dist.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ENV, **(env or {})},
     )
 
 
@@ -104,8 +151,20 @@ def test_slurm_command_dry_run_validates_the_config_first(tmp_path):
     bad = _cli("slurm", "configs/quickstart.yaml", "--nodes", "0", "--dry-run")
     assert bad.returncode == 2 and "--nodes" in bad.stderr
     out = tmp_path / "run"
-    proc = _cli("slurm", "configs/quickstart.yaml", f"output.dir={out}", "--nodes", "3",
-                "--gpus-per-node", "4", "--time", "01:00:00", "--partition", "p1", "--dry-run")
+    proc = _cli(
+        "slurm",
+        "configs/quickstart.yaml",
+        f"output.dir={out}",
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "4",
+        "--time",
+        "01:00:00",
+        "--partition",
+        "p1",
+        "--dry-run",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=3" in proc.stdout and "#SBATCH --gpus-per-node=4" in proc.stdout
     assert f"#SBATCH --output={out}/slurm-%j.out" in proc.stdout
@@ -149,8 +208,16 @@ def reference(tiny_llama, tmp_path_factory):
     """The same tiny run in one process, without SLURM: the global batch of 4 in one
     micro-batch (N ranks train the model one process trains: tests/test_distributed.py)."""
     out = tmp_path_factory.mktemp("ref1")
-    proc = _cli("train", "configs/quickstart.yaml", "--quiet", f"model.path={tiny_llama}",
-                f"output.dir={out}", *TINY, "train.micro_batch_size=4", timeout=300)
+    proc = _cli(
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={tiny_llama}",
+        f"output.dir={out}",
+        *TINY,
+        "train.micro_batch_size=4",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return load_file(str(out / "merged/model.safetensors"))
 
@@ -169,9 +236,24 @@ def _submit(cluster, out: Path, tiny_llama, *slurm_args, env=None, overrides=(),
     """Generate the job script with `scalora-dist slurm` and submit it with the command
     itself (sbatch inside the controller's namespace); returns the job id."""
     prefix = cluster.client_cmd([])
-    proc = _cli("slurm", "configs/quickstart.yaml", f"model.path={tiny_llama}", f"output.dir={out}", *TINY,
-                *overrides, "--nodes", "2", "--gpus-per-node", "2", "--no-request-gpus", "--time", time_limit,
-                *slurm_args, env={"SLURM_CONF": str(cluster.conf), **(env or {})}, prefix=prefix)
+    proc = _cli(
+        "slurm",
+        "configs/quickstart.yaml",
+        f"model.path={tiny_llama}",
+        f"output.dir={out}",
+        *TINY,
+        *overrides,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--no-request-gpus",
+        "--time",
+        time_limit,
+        *slurm_args,
+        env={"SLURM_CONF": str(cluster.conf), **(env or {})},
+        prefix=prefix,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.search(r"submitted batch job (\d+)", proc.stdout)
     assert m, proc.stdout
@@ -199,9 +281,7 @@ def _worker_pids(job: str, out: Path) -> dict[tuple[int, int], int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             if f"output.dir={out}".encode() not in cmdline:
                 continue
-            env = dict(
-                item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item
-            )
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
         except OSError:
             continue
         if env.get(b"TORCHELASTIC_RUN_ID") == job.encode() and b"LOCAL_RANK" in env:
@@ -244,8 +324,10 @@ def test_two_node_job_survives_a_killed_worker_and_ends_with_the_one_process_res
     assert m and int(m.group(1)) >= 2, log[-6000:]
     assert "done: 8 steps" in log
     _assert_same_weights(reference, load_file(str(out / "merged/model.safetensors")))
-    print(f"killed pid {victim} at {killed_at:.0f} s, resumed from step {int(m.group(1))}, "
-          f"job done after {time.monotonic() - started:.0f} s")
+    print(
+        f"killed pid {victim} at {killed_at:.0f} s, resumed from step {int(m.group(1))}, "
+        f"job done after {time.monotonic() - started:.0f} s"
+    )
 
 
 @pytest.mark.slow
@@ -256,9 +338,22 @@ def test_localhost_rendezvous_on_two_nodes_fails_fast_with_a_clear_error(cluster
     before the job's time limit."""
     _needs_netns(cluster)
     out = tmp_path / "run"
-    common = ["configs/quickstart.yaml", f"model.path={tiny_llama}", f"output.dir={out}", *TINY,
-              "--nodes", "2", "--gpus-per-node", "2", "--no-request-gpus", "--time", "00:03:00",
-              "--max-restarts", "0", "--dry-run"]
+    common = [
+        "configs/quickstart.yaml",
+        f"model.path={tiny_llama}",
+        f"output.dir={out}",
+        *TINY,
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--no-request-gpus",
+        "--time",
+        "00:03:00",
+        "--max-restarts",
+        "0",
+        "--dry-run",
+    ]
     script = _cli("slurm", *common).stdout
     master_line = 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
     assert master_line in script
@@ -278,7 +373,9 @@ def test_localhost_rendezvous_on_two_nodes_fails_fast_with_a_clear_error(cluster
     # 2. The endpoint itself on localhost: each node hosts its own rendezvous and waits for a
     #    second node that never comes; the join timeout (15 s here) ends it.
     hidden = out / "hidden.sbatch"
-    hidden.write_text(script.replace('--rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT"', '--rdzv-endpoint "localhost:$RDZV_PORT"'))
+    hidden.write_text(
+        script.replace('--rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT"', '--rdzv-endpoint "localhost:$RDZV_PORT"')
+    )
     started = time.monotonic()
     job = cluster.sbatch(hidden, env={**ENV, "PET_RDZV_CONF": "join_timeout=15"})
     state = cluster.wait(job, timeout=150)
@@ -301,8 +398,17 @@ LONG = ["train.max_steps=32", "train.save_every=8", "train.keep_last=0"]
 @pytest.fixture(scope="module")
 def reference_long(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref1long")
-    proc = _cli("train", "configs/quickstart.yaml", "--quiet", f"model.path={tiny_llama}",
-                f"output.dir={out}", *TINY, *LONG, "train.micro_batch_size=4", timeout=400)
+    proc = _cli(
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={tiny_llama}",
+        f"output.dir={out}",
+        *TINY,
+        *LONG,
+        "train.micro_batch_size=4",
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return load_file(str(out / "merged/model.safetensors"))
 
@@ -347,24 +453,52 @@ def test_time_limit_warning_usr1_and_scontrol_requeue_each_checkpoint_requeue_an
     comes within 30 s; the first start's steps are slowed (SCALORA_DIST_SLOW_STEP, 3 s) so
     that it cannot finish first."""
     out = tmp_path / "run"
-    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "signals", "--signal-margin", "150",
-                  overrides=LONG, time_limit="00:10:00", env={"SCALORA_DIST_SLOW_STEP": "3"})
+    job = _submit(
+        cluster,
+        out,
+        tiny_llama,
+        "--max-restarts",
+        "0",
+        "--job-name",
+        "signals",
+        "--signal-margin",
+        "150",
+        overrides=LONG,
+        time_limit="00:10:00",
+        env={"SCALORA_DIST_SLOW_STEP": "3"},
+    )
     _wait_until(lambda: bool(_records(out)), cluster, job, out, what="the first step")
     cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=3"])
-    _wait_until(lambda: "stopped at step" in _log(out, job), cluster, job, out, timeout=120,
-                what="a stop after the time limit's warning")
+    _wait_until(
+        lambda: "stopped at step" in _log(out, job),
+        cluster,
+        job,
+        out,
+        timeout=120,
+        what="a stop after the time limit's warning",
+    )
     cluster.client(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])  # the requeued start: no warning
     _wait_until(lambda: "restart count 1" in _log(out, job), cluster, job, out, what="a requeue after the warning")
     log = _log(out, job)
     assert re.search(r"stopped at step \d+ on SIGUSR1", log), log[-4000:]  # the warning, not the limit's SIGTERM
     first = _stops(log)[0]
-    _wait_until(lambda: any(r["step"] > first + 2 for r in _records(out)), cluster, job, out,
-                what="progress after the first requeue")
+    _wait_until(
+        lambda: any(r["step"] > first + 2 for r in _records(out)),
+        cluster,
+        job,
+        out,
+        what="progress after the first requeue",
+    )
     cluster.client(["scancel", "--signal=USR1", job])
     _wait_until(lambda: "restart count 2" in _log(out, job), cluster, job, out, what="a requeue after SIGUSR1")
     second = _stops(_log(out, job))[1]
-    _wait_until(lambda: any(r["step"] > second + 2 for r in _records(out)), cluster, job, out,
-                what="progress after the second requeue")
+    _wait_until(
+        lambda: any(r["step"] > second + 2 for r in _records(out)),
+        cluster,
+        job,
+        out,
+        what="progress after the second requeue",
+    )
     cluster.client(["scontrol", "requeue", job])
     state = cluster.wait(job, timeout=400)
     log = _log(out, job)
@@ -382,10 +516,19 @@ def test_a_job_killed_before_it_can_save_stops_requeueing(cluster, tiny_llama, t
     kills the job mid-save, SLURM requeues it, and the next start, finding no newer
     checkpoint than at its previous start, refuses to train again (--max-requeues 1)."""
     out = tmp_path / "run"
-    job = _submit(cluster, out, tiny_llama, "--max-restarts", "0", "--job-name", "no-progress",
-                  "--max-requeues", "1", env={"SCALORA_DIST_SLOW_SAVE": "120"})
-    _wait_until(lambda: (out / "checkpoints" / ".tmp-step-00000002").is_dir(), cluster, job, out,
-                what="the first save")
+    job = _submit(
+        cluster,
+        out,
+        tiny_llama,
+        "--max-restarts",
+        "0",
+        "--job-name",
+        "no-progress",
+        "--max-requeues",
+        "1",
+        env={"SCALORA_DIST_SLOW_SAVE": "120"},
+    )
+    _wait_until(lambda: (out / "checkpoints" / ".tmp-step-00000002").is_dir(), cluster, job, out, what="the first save")
     cluster.client(["scontrol", "requeue", job])
     state = cluster.wait(job, timeout=300)
     log = _log(out, job)

@@ -20,9 +20,20 @@ from helpers import assert_same_weights, merged_weights
 from scalora_dist.run.stopping import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = ["data.eval_files=[]", "train.eval_every=0", "data.max_length=32", "adapter.rank=2", "adapter.alpha=4",
-       "adapter.scalora.warmup_steps=2", "train.max_steps=30", "train.micro_batch_size=2", "train.lr=1e-2",
-       "train.warmup_steps=0", "train.log_every=1", "train.keep_last=0"]
+RUN = [
+    "data.eval_files=[]",
+    "train.eval_every=0",
+    "data.max_length=32",
+    "adapter.rank=2",
+    "adapter.alpha=4",
+    "adapter.scalora.warmup_steps=2",
+    "train.max_steps=30",
+    "train.micro_batch_size=2",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "train.keep_last=0",
+]
 
 
 def _env(extra=None):
@@ -30,8 +41,18 @@ def _env(extra=None):
 
 
 def _cmd(model, out, *extra, nproc=2):
-    cmd = [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", "--quiet",
-           f"model.path={model}", f"output.dir={out}", *RUN, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scalora_dist.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "--quiet",
+        f"model.path={model}",
+        f"output.dir={out}",
+        *RUN,
+        *extra,
+    ]
     return cmd + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
 
 
@@ -90,8 +111,14 @@ def test_a_signal_stops_every_rank_after_one_checkpoint_and_resume_finishes_the_
     assert "Traceback" not in log
     if sig != signal.SIGUSR1:
         return
-    resumed = subprocess.run(_cmd(tiny_llama, out, "train.save_every=4", "--resume", "auto"), cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        _cmd(tiny_llama, out, "train.save_every=4", "--resume", "auto"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "STOPPED").exists()
     assert_same_weights(uninterrupted, merged_weights(out))
@@ -104,8 +131,14 @@ def test_a_signal_during_a_save_leaves_every_checkpoint_whole(tiny_llama, tmp_pa
     and the earlier ones are intact (each loads; resuming from one is the test above)."""
     out = tmp_path / "run"
     saving = out / "checkpoints" / ".tmp-step-00000008"
-    code, log = _interrupt(tiny_llama, out, signal.SIGUSR1, "train.save_every=4",
-                           after="checkpoints/.tmp-step-00000008", env={"SCALORA_DIST_SLOW_SAVE": "2"})
+    code, log = _interrupt(
+        tiny_llama,
+        out,
+        signal.SIGUSR1,
+        "train.save_every=4",
+        after="checkpoints/.tmp-step-00000008",
+        env={"SCALORA_DIST_SLOW_SAVE": "2"},
+    )
     assert code == EXIT_REQUEUE, log[-3000:]
     assert not saving.exists()
     names = _checkpoints(out)
@@ -120,8 +153,13 @@ def test_a_signal_during_a_save_leaves_every_checkpoint_whole(tiny_llama, tmp_pa
 def test_one_process_runs_stop_the_same_way(tiny_llama, tmp_path):
     out = tmp_path / "one"
     err = (tmp_path / "one.err").open("w")
-    proc = subprocess.Popen(_cmd(tiny_llama, out, "train.micro_batch_size=4", "train.max_steps=1000", nproc=1),
-                            cwd=REPO, env=_env(), stdout=err, stderr=err)
+    proc = subprocess.Popen(
+        _cmd(tiny_llama, out, "train.micro_batch_size=4", "train.max_steps=1000", nproc=1),
+        cwd=REPO,
+        env=_env(),
+        stdout=err,
+        stderr=err,
+    )
     _wait_for(out / "metrics.jsonl", proc)
     while len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         time.sleep(0.05)
@@ -135,8 +173,14 @@ def test_one_process_runs_stop_the_same_way(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_save_every_minutes_writes_checkpoints_on_the_clock_on_every_rank(tiny_llama, tmp_path):
     out = tmp_path / "clock"
-    proc = subprocess.run(_cmd(tiny_llama, out, "train.save_every_minutes=0.01", "train.max_steps=40",
-                               "train.keep_last=3"), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        _cmd(tiny_llama, out, "train.save_every_minutes=0.01", "train.max_steps=40", "train.keep_last=3"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saves = proc.stderr.count("INFO scalora_dist.run.checkpoint: saving checkpoint")
     assert saves >= 3, proc.stderr[-3000:]  # the clock's, besides the final one

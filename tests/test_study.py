@@ -16,12 +16,48 @@ import study  # noqa: E402
 import study_data  # noqa: E402
 
 TINY = [
-    "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1",
-    "--intermediate-size", "64", "--pretrain-steps", "4", "--ft-steps", "6", "--eval-every", "3",
-    "--scalora-warmup", "2", "--lr-warmup", "1", "--ranks", "2", "--lrs-lora", "1e-3,1e-2",
-    "--lrs-full", "1e-3", "--seeds", "2", "--kappa-mults", "0.25,1", "--kappa-ranks", "2",
-    "--pretrain-lines", "32",
-    "--finetune-lines", "32", "--eval-lines", "8", "--batch-size", "4", "--line-length", "12",
+    "--hidden-size",
+    "32",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "2",
+    "--num-kv-heads",
+    "1",
+    "--intermediate-size",
+    "64",
+    "--pretrain-steps",
+    "4",
+    "--ft-steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--scalora-warmup",
+    "2",
+    "--lr-warmup",
+    "1",
+    "--ranks",
+    "2",
+    "--lrs-lora",
+    "1e-3,1e-2",
+    "--lrs-full",
+    "1e-3",
+    "--seeds",
+    "2",
+    "--kappa-mults",
+    "0.25,1",
+    "--kappa-ranks",
+    "2",
+    "--pretrain-lines",
+    "32",
+    "--finetune-lines",
+    "32",
+    "--eval-lines",
+    "8",
+    "--batch-size",
+    "4",
+    "--line-length",
+    "12",
 ]
 
 
@@ -48,8 +84,7 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
     argv = [*TINY, "--work-dir", str(work), "--out-dir", str(out)]
     report = study.main(argv)
     text = report.read_text()
-    for heading in ("## Headline", "## lr sweep", "## ScaLoRA refactors", "## kappa sensitivity",
-                    "## Per-layer rank"):
+    for heading in ("## Headline", "## lr sweep", "## ScaLoRA refactors", "## kappa sensitivity", "## Per-layer rank"):
         assert heading in text
     for label in study.LABELS.values():
         assert label in text
@@ -76,14 +111,28 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
     study.main([*argv, "--report-only"])
     assert stamps == {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/metrics.jsonl")}
 
-
     # the scaling diagnostics replay every refactor of a run from this study's cached base
     import scaling_diagnostics
 
     diag = tmp_path / "diag"
-    scaling_diagnostics.main(["--work-dir", str(work), "--study-args", " ".join(TINY), "--rank", "2",
-                              "--steps", "4", "--schedule-steps", "6", "--eval-every", "2",
-                              "--out-dir", str(diag)])
+    scaling_diagnostics.main(
+        [
+            "--work-dir",
+            str(work),
+            "--study-args",
+            " ".join(TINY),
+            "--rank",
+            "2",
+            "--steps",
+            "4",
+            "--schedule-steps",
+            "6",
+            "--eval-every",
+            "2",
+            "--out-dir",
+            str(diag),
+        ]
+    )
     (result,) = diag.glob("*.json")
     out = capsys.readouterr().out
     assert "branch replay: 0 mismatches" in out
@@ -103,13 +152,27 @@ def test_real_study_headline_picks_each_methods_best_lr_by_seed_0_and_averages_i
 
     def run(method, rank, lr, seed, loss, kappa=None):
         refactor = {"column": 3, "scalar": 1, "skipped": 0} if kappa else {"column": 0, "scalar": 0, "skipped": 0}
-        return {"method": method, "rank": rank, "lr": lr, "seed": seed, "steps": 40, "final_eval": loss,
-                "kappa": kappa, "refactor": refactor}
+        return {
+            "method": method,
+            "rank": rank,
+            "lr": lr,
+            "seed": seed,
+            "steps": 40,
+            "final_eval": loss,
+            "kappa": kappa,
+            "refactor": refactor,
+        }
 
-    results = [run("lora", 4, 1e-3, 0, 1.60), run("lora", 4, 2e-3, 0, 1.50), run("lora", 4, 2e-3, 1, 1.56),
-               run("lora", 4, 2e-3, 2, 1.53), run("lora", 4, 1e-3, 1, 1.40),  # seed 1 does not pick the lr
-               run("scalora", 4, 2e-3, 0, 1.55, kappa=0.5), run("scalora", 4, 4e-3, 0, 1.45, kappa=1.0),
-               {**run("lora", 4, 1e-3, 0, 1.0), "steps": 10}]  # a shorter setting: not in the table
+    results = [
+        run("lora", 4, 1e-3, 0, 1.60),
+        run("lora", 4, 2e-3, 0, 1.50),
+        run("lora", 4, 2e-3, 1, 1.56),
+        run("lora", 4, 2e-3, 2, 1.53),
+        run("lora", 4, 1e-3, 1, 1.40),  # seed 1 does not pick the lr
+        run("scalora", 4, 2e-3, 0, 1.55, kappa=0.5),
+        run("scalora", 4, 4e-3, 0, 1.45, kappa=1.0),
+        {**run("lora", 4, 1e-3, 0, 1.0), "steps": 10},
+    ]  # a shorter setting: not in the table
     header, rule, first, second = study_real.headline(results)
     assert header.startswith("| method | r | lrs tried | best lr | held-out loss |")
     assert first.split(" | ")[:4] == ["| scalora", "4", "0.002, 0.004", "0.004"]

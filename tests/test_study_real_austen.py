@@ -29,9 +29,24 @@ def test_real_model_study_text_task_reports_accuracy_and_update_ranks(smollm2, t
         pytest.skip(f"Jane Austen's novels are not at hand here: {e}")
     held_out = eval_file.read_text()
     assert "Kellynch" in held_out and "Kellynch" not in train_file.read_text()[:200_000]
-    cmd = [sys.executable, "tools/studies/study_real.py", "--task", "austen", "--quick", "--update-ranks",
-           "--parse-prompts", "1", "--accuracy-rows", "4", "--model", str(smollm2),
-           "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "tools/studies/study_real.py",
+        "--task",
+        "austen",
+        "--quick",
+        "--update-ranks",
+        "--parse-prompts",
+        "1",
+        "--accuracy-rows",
+        "4",
+        "--model",
+        str(smollm2),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # beside the other worker
     assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))
     lora, scalora = json.loads((tmp_path / "out/study_real_austen_quick.json").read_text())
@@ -43,4 +58,3 @@ def test_real_model_study_text_task_reports_accuracy_and_update_ranks(smollm2, t
     assert scalora["mean_update_rank"] > scalora["rank"]
     report = (tmp_path / "out/study_real_austen_quick.md").read_text()
     assert "next-token accuracy" in report and "Greedy continuations" in report
-

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from helpers import write_jsonl, write_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import write_jsonl, write_text
 from scalora_dist.model.tiny import (
     ARCHITECTURES,
     build_tokenizer,
@@ -48,7 +48,10 @@ def test_arch_builds_reloads_and_runs(tiny_model, arch):
     assert config.vocab_size == len(tok) == 512
     assert config.hidden_size == 64 and config.num_hidden_layers == 2
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert tok.bos_token == "<|bos|>" and tok.eos_token == "<|eos|>" and tok.pad_token == "<|pad|>"
     # untied: lm_head is its own Linear
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -81,7 +84,7 @@ def test_chat_template_prefix_property(tiny_tokenizer):
             assert full.startswith(after)
             if conv[k]["role"] == "assistant":
                 assert after.startswith(before)
-                assert after[len(before):] == conv[k]["content"] + "<|im_end|>\n"
+                assert after[len(before) :] == conv[k]["content"] + "<|im_end|>\n"
     text = tok.apply_chat_template(CONVERSATIONS[0], tokenize=False)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -113,8 +116,9 @@ def test_custom_corpus_and_fallback(tmp_path):
 
 
 def test_custom_sizes_and_bad_arch(tmp_path):
-    path = make_tiny_model(tmp_path / "m", arch="gemma3", hidden_size=32, num_layers=3,
-                           num_heads=2, num_kv_heads=1, intermediate_size=48)
+    path = make_tiny_model(
+        tmp_path / "m", arch="gemma3", hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=48
+    )
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.num_hidden_layers == 3 and model.config.head_dim == 16
     assert model.config.layer_types[-1] == "full_attention"

@@ -24,20 +24,23 @@ QUICKSTART_EVAL = REPO / "configs/data/quickstart_eval.jsonl"
 
 
 def _config(model_dir, out_dir, *overrides):
-    return load_config(None, [
-        f"model.path={model_dir}",
-        f"data.train_files=[{QUICKSTART_TRAIN}]",
-        "data.max_length=64",
-        "data.packing=true",
-        "adapter.rank=2",
-        "adapter.alpha=4",
-        "adapter.scalora.warmup_steps=2",
-        "train.max_steps=6",
-        "train.micro_batch_size=4",
-        "train.lr=1e-2",
-        f"output.dir={out_dir}",
-        *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{QUICKSTART_TRAIN}]",
+            "data.max_length=64",
+            "data.packing=true",
+            "adapter.rank=2",
+            "adapter.alpha=4",
+            "adapter.scalora.warmup_steps=2",
+            "train.max_steps=6",
+            "train.micro_batch_size=4",
+            "train.lr=1e-2",
+            f"output.dir={out_dir}",
+            *overrides,
+        ],
+    )
 
 
 def _probe_ids(model_dir):
@@ -55,11 +58,24 @@ def test_quickstart_cli_end_to_end(tiny_llama, tmp_path):
     """The README's quickstart, with fewer steps: progress, metrics, eval, merged export."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml",
-         f"model.path={tiny_llama}", f"output.dir={out}", "train.max_steps=12",
-         "train.log_every=2", "train.eval_every=6", "train.eval_batches=4",
-         "adapter.scalora.warmup_steps=3"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            "configs/quickstart.yaml",
+            f"model.path={tiny_llama}",
+            f"output.dir={out}",
+            "train.max_steps=12",
+            "train.log_every=2",
+            "train.eval_every=6",
+            "train.eval_batches=4",
+            "adapter.scalora.warmup_steps=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "done: 12 steps" in proc.stdout and "eval @ step 12" in proc.stdout
@@ -69,8 +85,7 @@ def test_quickstart_cli_end_to_end(tiny_llama, tmp_path):
         assert all(isinstance(r[key], (int, float)) for r in records), key
     refactored = [r for r in records if "scalora_column" in r]
     assert refactored and refactored[-1]["scalora_refactors"] == 2  # steps 11 and 12
-    assert all(r["scalora_column"] + r["scalora_scalar"] + r["scalora_skipped"] == 2 * 14
-               for r in refactored[1:])
+    assert all(r["scalora_column"] + r["scalora_scalar"] + r["scalora_skipped"] == 2 * 14 for r in refactored[1:])
     assert refactored[-1]["scalora_mean_alpha"] > 0 and refactored[-1]["scalora_mean_beta"] > 0
     evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [6, 12]
@@ -99,9 +114,15 @@ def test_scalora_on_each_architecture_exports_what_it_trained(arch, tiny_model, 
 
 
 def _update_rank(method, model_dir, tmp_path, steps=30, rank=2):
-    cfg = _config(model_dir, tmp_path, f"adapter.method={method}", f"adapter.rank={rank}",
-                  "adapter.target_modules=[layers.0.self_attn.q_proj]", f"train.max_steps={steps}",
-                  "train.lr=2e-2")
+    cfg = _config(
+        model_dir,
+        tmp_path,
+        f"adapter.method={method}",
+        f"adapter.rank={rank}",
+        "adapter.target_modules=[layers.0.self_attn.q_proj]",
+        f"train.max_steps={steps}",
+        "train.lr=2e-2",
+    )
     run = setup(cfg)
     (layer,) = lora_layers(run.model).values()
     initial = layer.weight.detach().double().clone()
@@ -130,8 +151,14 @@ def test_auto_kappa_is_the_same_with_or_without_an_lr_warmup(tiny_llama, tmp_pat
     divides it out, so both schedules give kappa within 1.5x of each other."""
 
     def first_kappa(name, *overrides):
-        cfg = _config(tiny_llama, tmp_path / name, "adapter.scalora.warmup_steps=10", "train.max_steps=11",
-                      "train.lr=3e-3", *overrides)
+        cfg = _config(
+            tiny_llama,
+            tmp_path / name,
+            "adapter.scalora.warmup_steps=10",
+            "train.max_steps=11",
+            "train.lr=3e-3",
+            *overrides,
+        )
         run = setup(cfg)
         for step in range(11):
             train_step(run, step)
@@ -152,15 +179,21 @@ def test_per_layer_auto_kappa_is_each_layers_own_mean_column_pair_size(tiny_llam
     warmup = 3
 
     def run_to_first_refactor(scope):
-        cfg = _config(tiny_llama, tmp_path / scope, f"adapter.scalora.warmup_steps={warmup}",
-                      f"train.max_steps={warmup + 2}", "train.warmup_steps=2",
-                      f"adapter.scalora.kappa_scope={scope}")
+        cfg = _config(
+            tiny_llama,
+            tmp_path / scope,
+            f"adapter.scalora.warmup_steps={warmup}",
+            f"train.max_steps={warmup + 2}",
+            "train.warmup_steps=2",
+            f"adapter.scalora.kappa_scope={scope}",
+        )
         run = setup(cfg)
         for step in range(warmup):
             train_step(run, step)
         layers = run.scalora.layers
-        sizes = [(l.scale * l.lora_B.detach().double().norm(dim=0) * l.lora_A.detach().double().norm(dim=1))
-                 for l in layers]
+        sizes = [
+            (l.scale * l.lora_B.detach().double().norm(dim=0) * l.lora_A.detach().double().norm(dim=1)) for l in layers
+        ]
         return run, sizes, train_step(run, warmup).report
 
     run, sizes, report = run_to_first_refactor("layer")
@@ -177,8 +210,16 @@ def test_per_layer_auto_kappa_is_each_layers_own_mean_column_pair_size(tiny_llam
     from scalora_dist.train import restore, save
 
     checkpoint = save(run, tmp_path / "ckpt", warmup + 1)
-    resumed = setup(_config(tiny_llama, tmp_path / "resumed", f"adapter.scalora.warmup_steps={warmup}",
-                            f"train.max_steps={warmup + 2}", "train.warmup_steps=2", "adapter.scalora.kappa_scope=layer"))
+    resumed = setup(
+        _config(
+            tiny_llama,
+            tmp_path / "resumed",
+            f"adapter.scalora.warmup_steps={warmup}",
+            f"train.max_steps={warmup + 2}",
+            "train.warmup_steps=2",
+            "adapter.scalora.kappa_scope=layer",
+        )
+    )
     assert restore(resumed, checkpoint) == warmup + 1 and resumed.scalora.kappa == run.scalora.kappa
     train_step(run, warmup + 1)
     train_step(resumed, warmup + 1)
@@ -193,8 +234,15 @@ def test_per_layer_auto_kappa_is_each_layers_own_mean_column_pair_size(tiny_llam
 def test_lora_export_loads_in_peft_with_the_same_logits(use_rslora, tiny_llama, tmp_path):
     from peft import PeftModel
 
-    cfg = _config(tiny_llama, tmp_path, "adapter.method=lora", f"adapter.use_rslora={use_rslora}",
-                  "adapter.rank=4", "adapter.alpha=8", "adapter.target_modules=[q_proj,v_proj,down_proj]")
+    cfg = _config(
+        tiny_llama,
+        tmp_path,
+        "adapter.method=lora",
+        f"adapter.use_rslora={use_rslora}",
+        "adapter.rank=4",
+        "adapter.alpha=8",
+        "adapter.target_modules=[q_proj,v_proj,down_proj]",
+    )
     train(cfg, show_progress=False)
     adapter_cfg = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert adapter_cfg["use_rslora"] is use_rslora and adapter_cfg["r"] == 4
@@ -209,10 +257,17 @@ def test_lora_export_loads_in_peft_with_the_same_logits(use_rslora, tiny_llama, 
 
 def test_gradient_accumulation_matches_a_larger_batch(tiny_llama, tmp_path):
     """The step loss is a mean over all labelled tokens of the step, however it is split."""
-    one = setup(_config(tiny_llama, tmp_path, "adapter.method=lora", "train.micro_batch_size=4",
-                        "data.packing=false"))
-    two = setup(_config(tiny_llama, tmp_path, "adapter.method=lora", "train.micro_batch_size=2",
-                        "train.grad_accum_steps=2", "data.packing=false"))
+    one = setup(_config(tiny_llama, tmp_path, "adapter.method=lora", "train.micro_batch_size=4", "data.packing=false"))
+    two = setup(
+        _config(
+            tiny_llama,
+            tmp_path,
+            "adapter.method=lora",
+            "train.micro_batch_size=2",
+            "train.grad_accum_steps=2",
+            "data.packing=false",
+        )
+    )
     for step in range(3):
         a, b = train_step(one, step), train_step(two, step)
         assert a.tokens == b.tokens
@@ -221,14 +276,12 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_llama, tmp_path):
 
 
 def test_full_fine_tuning_baseline(tiny_llama, tmp_path):
-    cfg = _config(tiny_llama, tmp_path, "adapter.method=full", "adapter.target_modules=[o_proj]",
-                  "train.lr=1e-3")
+    cfg = _config(tiny_llama, tmp_path, "adapter.method=full", "adapter.target_modules=[o_proj]", "train.lr=1e-3")
     result = train(cfg, show_progress=False)
     assert result.steps == 6
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    changed = {n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters())
-               if not torch.equal(p, q)}
+    changed = {n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
     assert changed and all(n.endswith("o_proj.weight") for n in changed)
 
 
@@ -252,8 +305,9 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tiny_llama, tmp_path):
 
 def test_non_finite_loss_can_skip_the_update(tiny_llama, tmp_path):
     corrupt = _corrupted_copy(tiny_llama, tmp_path / "corrupt", float("nan"))
-    cfg = _config(corrupt, tmp_path / "out", "train.on_nonfinite_loss=skip",
-                  "train.max_steps=3", "output.save_merged=false")
+    cfg = _config(
+        corrupt, tmp_path / "out", "train.on_nonfinite_loss=skip", "train.max_steps=3", "output.save_merged=false"
+    )
     run = setup(cfg)
     factors = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     results = [train_step(run, step) for step in range(3)]
@@ -267,14 +321,12 @@ def test_non_finite_loss_can_skip_the_update(tiny_llama, tmp_path):
 
 
 def test_resume_auto_starts_fresh_then_continues(tiny_llama, tmp_path):
-    cfg = _config(tiny_llama, tmp_path, "train.max_steps=4", "train.save_every=2",
-                  "output.save_merged=false")
+    cfg = _config(tiny_llama, tmp_path, "train.max_steps=4", "train.save_every=2", "output.save_merged=false")
     result = train(cfg, show_progress=False, resume="auto")  # nothing to resume: fresh start
     assert [r["step"] for r in result.history] == [1, 2, 3, 4]
     result = train(cfg, show_progress=False, resume="auto")  # a restarted finished job: nothing to do
     assert result.nothing_to_do and result.first_step == 4
-    cfg = _config(tiny_llama, tmp_path, "train.max_steps=6", "train.save_every=2",
-                  "output.save_merged=false")
+    cfg = _config(tiny_llama, tmp_path, "train.max_steps=6", "train.save_every=2", "output.save_merged=false")
     result = train(cfg, show_progress=False, resume="auto", extend=True)  # a longer schedule: asked for
     assert [r["step"] for r in result.history] == [5, 6]
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -288,16 +340,22 @@ def test_resume_latest_without_checkpoint_is_a_clear_error(tiny_llama, tmp_path)
 
 def test_epochs_derive_the_step_count(tiny_llama, tmp_path, write_jsonl):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"the fox number {i} sees the owl"} for i in range(20)])
-    cfg = _config(tiny_llama, tmp_path, f"data.train_files=[{data}]", "train.max_steps=0",
-                  "train.epochs=2", "data.packing=false", "train.micro_batch_size=4",
-                  "train.grad_accum_steps=1")
+    cfg = _config(
+        tiny_llama,
+        tmp_path,
+        f"data.train_files=[{data}]",
+        "train.max_steps=0",
+        "train.epochs=2",
+        "data.packing=false",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=1",
+    )
     assert setup(cfg).total_steps == 10
 
 
 def test_tensorboard_logging(tiny_llama, tmp_path):
     pytest.importorskip("tensorboard")
-    train(_config(tiny_llama, tmp_path, "output.tensorboard=true", "output.save_merged=false"),
-          show_progress=False)
+    train(_config(tiny_llama, tmp_path, "output.tensorboard=true", "output.save_merged=false"), show_progress=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -305,8 +363,7 @@ def test_wandb_offline_logging(tiny_llama, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(_config(tiny_llama, tmp_path, "output.wandb=true", "output.save_merged=false"),
-          show_progress=False)
+    train(_config(tiny_llama, tmp_path, "output.wandb=true", "output.save_merged=false"), show_progress=False)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
@@ -317,7 +374,11 @@ def _cli_train(*overrides, cwd=REPO):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", *overrides],
-        cwd=cwd, capture_output=True, text=True, env=env, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 

@@ -26,11 +26,26 @@ import datasets
 from scalora_dist.config import DataConfig, DataSource
 from scalora_dist.data import packing, sources
 from scalora_dist.data.formats import (
-    IGNORE_INDEX, TOKENISED_FEATURES, DataError, RecordError, TokenizerInfo, fields, hash_parts, tokenize_batch,
+    IGNORE_INDEX,
+    TOKENISED_FEATURES,
+    DataError,
+    RecordError,
+    TokenizerInfo,
+    fields,
+    hash_parts,
+    tokenize_batch,
 )
 from scalora_dist.data.loader import BatchLoader, count_tokens, model_inputs
 
-__all__ = ["IGNORE_INDEX", "BatchLoader", "DataError", "count_tokens", "load_split", "model_inputs", "truncated_examples"]
+__all__ = [
+    "IGNORE_INDEX",
+    "BatchLoader",
+    "DataError",
+    "count_tokens",
+    "load_split",
+    "model_inputs",
+    "truncated_examples",
+]
 
 logger = logging.getLogger("scalora_dist.data")
 
@@ -78,14 +93,21 @@ def _tokenised(source: sources.Source, cfg: DataConfig, tok: TokenizerInfo) -> d
     if dropped:
         logger.warning(
             "%s: dropped %d of %d records with nothing to train on (empty text, or no "
-            "labelled token within max_length=%d)", source.label, dropped, len(raw), cfg.max_length,
+            "labelled token within max_length=%d)",
+            source.label,
+            dropped,
+            len(raw),
+            cfg.max_length,
         )
     truncated = truncated_examples(out, truncate_to)
     if truncated:
         logger.warning(
             "%s: %d of %d examples are longer than data.max_length=%d and were truncated to it (the rest of "
             "each is not trained on; data.packing=true cuts them into pieces instead)",
-            source.label, truncated, len(out), cfg.max_length,
+            source.label,
+            truncated,
+            len(out),
+            cfg.max_length,
         )
     return out
 

@@ -40,10 +40,12 @@ from scalora_dist.config import DataConfig
 IGNORE_INDEX = -100
 """Label value that carries no loss (the default ignore_index of cross-entropy)."""
 
-FEATURES = datasets.Features({
-    "input_ids": datasets.List(datasets.Value("int32")),
-    "labels": datasets.List(datasets.Value("int32")),
-})
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+    }
+)
 TOKENISED_FEATURES = datasets.Features({**FEATURES, "length": datasets.Value("int32")})
 """A tokenised example: FEATURES, and its length before truncation to data.max_length."""
 
@@ -108,8 +110,9 @@ def hash_parts(*parts: Any) -> str:
 
 
 def type_name(value: Any) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def check_record(rec: Any, fmt: str, cols: dict[str, str]) -> str | None:
@@ -147,8 +150,7 @@ def check_messages(messages: Any, name: str, fmt: str = "chat") -> str | None:
             if not isinstance(m[key], str):
                 return f"{name}[{i}]: field '{key}' must be a string, got {type_name(m[key])}"
         if fmt == "sharegpt" and m[role_key] not in SHAREGPT_ROLES:
-            return (f"{name}[{i}]: 'from' is {m[role_key]!r}; ShareGPT turns are from "
-                    f"{', '.join(SHAREGPT_ROLES)}")
+            return f"{name}[{i}]: 'from' is {m[role_key]!r}; ShareGPT turns are from {', '.join(SHAREGPT_ROLES)}"
     roles = [SHAREGPT_ROLES[m[role_key]] if fmt == "sharegpt" else m[role_key] for m in messages]
     if "assistant" not in roles:
         return f"no assistant turn in '{name}' (nothing to train on)"
@@ -194,8 +196,12 @@ class TokenizerInfo:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    parts = [type(tokenizer).__name__, str(tokenizer.bos_token_id), str(tokenizer.eos_token_id),
-             str(getattr(tokenizer, "chat_template", None))]
+    parts = [
+        type(tokenizer).__name__,
+        str(tokenizer.bos_token_id),
+        str(tokenizer.eos_token_id),
+        str(getattr(tokenizer, "chat_template", None)),
+    ]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         parts.append(backend.to_str())
@@ -205,8 +211,15 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hash_parts(*parts)
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], *, cfg_format: str,
-                   cols: dict[str, str], max_length: int | None, tok: TokenizerInfo) -> dict:
+def tokenize_batch(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    cfg_format: str,
+    cols: dict[str, str],
+    max_length: int | None,
+    tok: TokenizerInfo,
+) -> dict:
     n = len(indices)
     columns = {key: batch.get(name, [None] * n) for key, name in cols.items()}
     if cfg_format in CHAT_FORMATS:
@@ -296,9 +309,7 @@ def _alpaca_examples(columns, indices, cols, tok):
 
 def _render(tokenizer, messages, index: int, generation_prompt: bool) -> str:
     try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are data errors
         raise RecordError(index, f"the tokenizer's chat template failed on this record: {e}") from None
     if not isinstance(text, str):  # some versions return a list for batched input
@@ -323,8 +334,7 @@ def _chat_segments(tokenizer, messages: list[dict], index: int) -> list[tuple[st
         before = _render(tokenizer, messages[:k], index, True)
         after = _render(tokenizer, messages[: k + 1], index, False)
         last = boundaries[-1][0] if boundaries else 0
-        if not (after.startswith(before) and full.startswith(after)
-                and len(before) >= last):
+        if not (after.startswith(before) and full.startswith(after) and len(before) >= last):
             raise RecordError(
                 index,
                 "the tokenizer's chat template does not render conversations incrementally "

@@ -52,9 +52,18 @@ class BatchLoader:
     of the current epoch and then moves to the next one; `next_batch` never ends.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, pad_token_id: int, *, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        pad_token_id: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -74,8 +83,7 @@ class BatchLoader:
         if self.batches_per_epoch() == 0:
             g = micro_batch_size * world_size
             if drop_last:
-                need = (f"one global batch of {g} (micro_batch_size {micro_batch_size} x "
-                        f"{world_size} ranks)")
+                need = f"one global batch of {g} (micro_batch_size {micro_batch_size} x {world_size} ranks)"
             else:
                 need = f"one example on each of {world_size} ranks"
             raise DataError(f"the dataset has {self._n} examples, too few for {need}")
@@ -152,7 +160,7 @@ class BatchLoader:
             position_t = torch.arange(width, dtype=torch.long).repeat(len(ids), 1)
             for i, p in enumerate(positions):
                 position_t[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-                position_t[i, len(p):] -= len(p)
+                position_t[i, len(p) :] -= len(p)
             batch["position_ids"] = position_t
         return batch
 

@@ -39,7 +39,10 @@ def pack(ds: datasets.Dataset, length: int, files: list[str]) -> datasets.Datase
         logger.warning(
             "%s: %d of %d examples are longer than data.max_length=%d and were split into "
             "pieces of at most that length (a piece does not see the one before it)",
-            ", ".join(files), split, len(lengths), length,
+            ", ".join(files),
+            split,
+            len(lengths),
+            length,
         )
     rows = datasets.Dataset.from_dict({"row": np.arange(plan["n_rows"], dtype=np.int64)})
     packed = rows.map(
@@ -71,8 +74,10 @@ def _plan_rows(lengths: np.ndarray, length: int) -> dict[str, Any]:
             doc.append(d), start.append(s), stop.append(e), row.append(current)
             used += e - s
     return {
-        "doc": np.asarray(doc, dtype=np.int64), "start": np.asarray(start, dtype=np.int64),
-        "stop": np.asarray(stop, dtype=np.int64), "row": np.asarray(row, dtype=np.int64),
+        "doc": np.asarray(doc, dtype=np.int64),
+        "start": np.asarray(start, dtype=np.int64),
+        "stop": np.asarray(stop, dtype=np.int64),
+        "row": np.asarray(row, dtype=np.int64),
         "n_rows": current + 1 if doc else 0,
     }
 

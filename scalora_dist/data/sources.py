@@ -94,7 +94,9 @@ def _hub_dataset(spec: DataSource, local: Path) -> Path:
         raise DataError(f"{spec.path}: file not found (looked for {local.resolve()})") from None
     if spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in BUILDERS:
         raise DataError(f"{spec.path}: file not found (looked for {local.resolve()})")
-    download = f"hf download --repo-type dataset {spec.path}" + (f" --revision {spec.revision}" if spec.revision else "")
+    download = f"hf download --repo-type dataset {spec.path}" + (
+        f" --revision {spec.revision}" if spec.revision else ""
+    )
     try:
         return Path(snapshot_download(spec.path, repo_type="dataset", revision=spec.revision or None))
     except LocalEntryNotFoundError:
@@ -125,7 +127,9 @@ def load(source: Source, cfg: DataConfig) -> tuple[datasets.Dataset, Callable[[i
         return _load_files(source, cfg)
     try:
         raw = datasets.load_dataset(
-            str(source.dataset_dir), name=source.spec.name or None, split=source.spec.split,
+            str(source.dataset_dir),
+            name=source.spec.name or None,
+            split=source.spec.split,
         )
     except ValueError as e:
         raise DataError(f"{source.label}: {e}") from None

@@ -31,18 +31,28 @@ def record_worker_error(message: str, exit_code: int) -> bool:
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
         return False
-    data = {"message": {"message": message, "extraInfo": {
-        "py_callstack": traceback.format_exc(), "timestamp": str(int(time.time())),
-        "timestamp_ms": int(time.time() * 1000), "exit_code": exit_code,
-    }}}
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+                "timestamp_ms": int(time.time() * 1000),
+                "exit_code": exit_code,
+            },
+        }
+    }
     with open(path, "w") as f:
         json.dump(data, f)
     return True
 
 
 PEER_LOST = (
-    "Connection reset by peer", "Connection closed by peer", "Broken pipe",  # gloo
-    "remote process exited", "NCCL communicator was aborted",  # NCCL
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",  # gloo
+    "remote process exited",
+    "NCCL communicator was aborted",  # NCCL
 )
 """What a rank's collective raises when another rank's process is gone: never the cause."""
 

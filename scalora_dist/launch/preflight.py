@@ -24,8 +24,15 @@ from scalora_dist.model.sharding import decoder_blocks, lora_A_on_dim1
 from scalora_dist.run.rundir import nothing_to_do, nothing_to_do_message, plan_start
 
 
-def preflight(cfg: Config, world_sizes: list[int], resume: str | None, *, overwrite: bool = False,
-              force_resume: bool = False, extend: bool = False) -> str | None:
+def preflight(
+    cfg: Config,
+    world_sizes: list[int],
+    resume: str | None,
+    *,
+    overwrite: bool = False,
+    force_resume: bool = False,
+    extend: bool = False,
+) -> str | None:
     """Raise ConfigError / DataError / CheckpointError for the first problem; return a
     message when a resume has nothing to do (the launcher then starts nothing)."""
     start = plan_start(cfg, resume, overwrite=overwrite, force_resume=force_resume)
@@ -46,8 +53,9 @@ def preflight(cfg: Config, world_sizes: list[int], resume: str | None, *, overwr
     from scalora_dist.train import count_steps
 
     for world in world_sizes:
-        loader = BatchLoader(train, cfg.train.micro_batch_size, tokenizer.pad_token_id,
-                             seed=cfg.train.seed, rank=0, world_size=world)
+        loader = BatchLoader(
+            train, cfg.train.micro_batch_size, tokenizer.pad_token_id, seed=cfg.train.seed, rank=0, world_size=world
+        )
         total = count_steps(cfg, loader)
         if nothing_to_do(start, total, extend):
             return nothing_to_do_message(start, total)

@@ -34,8 +34,15 @@ def newest_step(run_dir: Path) -> int:
     """The step of the newest complete checkpoint (a step-XXXXXXXX directory with its COMPLETE
     marker), from the directory names alone: no checkpoint file is read."""
     root = run_dir / "checkpoints"
-    steps = [int(d.name[len("step-"):]) for d in root.glob("step-*")
-             if d.name[len("step-"):].isdigit() and (d / "COMPLETE").is_file()] if root.is_dir() else []
+    steps = (
+        [
+            int(d.name[len("step-") :])
+            for d in root.glob("step-*")
+            if d.name[len("step-") :].isdigit() and (d / "COMPLETE").is_file()
+        ]
+        if root.is_dir()
+        else []
+    )
     return max(steps, default=0)
 
 
@@ -87,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not (run_dir / "STOPPED").is_file():
         return 1  # the run failed: its error is in the log already
     else:
-        print(f"job {os.environ.get('SLURM_JOB_ID')} stopped after a checkpoint: "
-              f"{(run_dir / 'STOPPED').read_text().strip()}", flush=True)
+        print(
+            f"job {os.environ.get('SLURM_JOB_ID')} stopped after a checkpoint: "
+            f"{(run_dir / 'STOPPED').read_text().strip()}",
+            flush=True,
+        )
         ok, why = requeue(os.environ.get("SLURM_JOB_ID"))
     print(why if ok else f"error: {why}", file=sys.stdout if ok else sys.stderr, flush=True)
     return 0 if ok else 1

@@ -95,8 +95,7 @@ class LaunchOptions:
             raise LaunchError(f"--max-restarts: must be >= 0, got {self.max_restarts}")
         if self.node_rank is not None and not 0 <= self.node_rank < max_nodes:
             raise LaunchError(
-                f"--node-rank: must be in [0, {max_nodes - 1}] for --nnodes {self.nnodes}, "
-                f"got {self.node_rank}"
+                f"--node-rank: must be in [0, {max_nodes - 1}] for --nnodes {self.nnodes}, got {self.node_rank}"
             )
         if not self.rdzv_backend:
             raise LaunchError("--rdzv-backend: must not be empty (default c10d)")
@@ -137,17 +136,24 @@ def torchrun_args(options: LaunchOptions, job_key: str | None = None) -> list[st
     a multi-node job gets `default_rdzv_id(job_key)`."""
     options.validate()
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(options.nnodes).strip(),
-        "--nproc-per-node", str(options.nproc_per_node),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(options.nnodes).strip(),
+        "--nproc-per-node",
+        str(options.nproc_per_node),
     ]
     if options.rdzv_endpoint or options.multi_node():
         if job_key is not None:
             job_key = f"{options.rdzv_endpoint} {options.nnodes} {job_key}"
         cmd += [
-            "--rdzv-backend", options.rdzv_backend,
-            "--rdzv-endpoint", options.rdzv_endpoint,
-            "--rdzv-id", options.rdzv_id or default_rdzv_id(job_key),
+            "--rdzv-backend",
+            options.rdzv_backend,
+            "--rdzv-endpoint",
+            options.rdzv_endpoint,
+            "--rdzv-id",
+            options.rdzv_id or default_rdzv_id(job_key),
         ]
         if options.node_rank is not None:
             cmd += ["--node-rank", str(options.node_rank)]
@@ -201,7 +207,8 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
     signal, or torchrun still running `escalate_after_s` after the first, SIGKILLs torchrun and
     every process below it. SIGUSR1, a first SIGTERM and a first Ctrl-C ask for a checkpoint
     and a stop: they go to the workers, as SIGUSR1, and the job ends when they have saved (a
-    second SIGTERM or Ctrl-C to the launcher is relayed as itself: a stop at once). After an interrupted run any worker still alive is killed too.
+    second SIGTERM or Ctrl-C to the launcher is relayed as itself: a stop at once). After an
+    interrupted run any worker still alive is killed too.
     On Linux torchrun also gets SIGTERM if this process dies without a chance to relay.
 
     Returns torchrun's exit code, or 128 + signal number when the run was interrupted
@@ -223,9 +230,12 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
         if signum in GRACEFUL_SIGNALS and not received and signum not in graceful:
             graceful.append(signum)  # passed on to the workers as SIGUSR1, in the wait loop
             if signum == signal.SIGINT:
-                print("\nCtrl-C: every rank stops after a checkpoint at the next point they all reach; press "
-                      "Ctrl-C again to stop at once (the steps since the last checkpoint are lost)",
-                      file=sys.stderr, flush=True)
+                print(
+                    "\nCtrl-C: every rank stops after a checkpoint at the next point they all reach; press "
+                    "Ctrl-C again to stop at once (the steps since the last checkpoint are lost)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         received.append(signum)
         if not procs:
@@ -246,9 +256,14 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
         from scalora_dist.run import stopping
 
         graceful += [s for s in stopping._received if s in GRACEFUL_SIGNALS][:1]  # asked before this
-        procs.append(subprocess.Popen(
-            through_agent(cmd), start_new_session=True, preexec_fn=_death_signal_setter(), env=torchrun_env(),
-        ))
+        procs.append(
+            subprocess.Popen(
+                through_agent(cmd),
+                start_new_session=True,
+                preexec_fn=_death_signal_setter(),
+                env=torchrun_env(),
+            )
+        )
         proc = procs[0]
         if received:
             _signal_group(proc.pid, received[0])
@@ -341,7 +356,7 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rfind(")") + 2:].split()  # after "pid (comm) "
+    fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
     if fields[0] == "Z":
         return None
     return int(fields[1]), int(fields[19])

@@ -20,11 +20,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from scalora_dist.config import AdapterConfig, ConfigError, ModelConfig
 from scalora_dist.distributed import local_tensor
-from scalora_dist.model.loading import (
-    load_checkpoint_weights, local_block, local_offsets, model_dtype, record_weight_conversions,
-)
 from scalora_dist.model.chunked_loss import enable_chunked_loss, resolve_loss_kernel
 from scalora_dist.model.compile import compile_decoder_blocks
+from scalora_dist.model.loading import (
+    load_checkpoint_weights,
+    local_block,
+    local_offsets,
+    model_dtype,
+    record_weight_conversions,
+)
 from scalora_dist.model.lora import find_target_linears, initial_lora_A, inject_adapters, lora_layers
 from scalora_dist.model.quant import quantize_linears_, require_bitsandbytes
 from scalora_dist.model.sharding import apply_fsdp, compute_dtype
@@ -84,7 +88,10 @@ def build_model(
         compile_decoder_blocks(model)
     if mesh is not None:
         apply_fsdp(
-            model, mesh, param_dtype=compute_dtype(dtype), cpu_offload=model_cfg.cpu_offload,
+            model,
+            mesh,
+            param_dtype=compute_dtype(dtype),
+            cpu_offload=model_cfg.cpu_offload,
             replicated_weights=frozen_linear_weights(model) if model_cfg.base_placement == "replicated" else None,
         )
     model.to_empty(device="cpu" if model_cfg.cpu_offload else device)
@@ -119,9 +126,7 @@ def meta_model(model_dir: Path, model_cfg: ModelConfig, dtype: torch.dtype) -> n
     """The checkpoint's model on the meta device: its architecture, no memory."""
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = model_class(config)._from_config(
-            config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
-        )
+        model = model_class(config)._from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
     _disable_cache(model)
     return model
 
@@ -162,7 +167,8 @@ def _check_complete(model: nn.Module, expected: set[str], filled: set[str], mode
     tensors.update(model.named_buffers(remove_duplicate=False))
     filled_ids = {id(tensors[n]) for n in filled}
     missing = sorted(
-        n for n in expected
+        n
+        for n in expected
         if n in tensors and id(tensors[n]) not in filled_ids and n.rpartition(".")[2] not in _ADAPTER_TENSORS
     )
     if missing:

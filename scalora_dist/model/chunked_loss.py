@@ -74,7 +74,12 @@ def liger_causal_lm_loss(
     h, y, divisor = _positions(hidden, labels, num_items_in_batch)
     weight = head_weight.to(h.dtype)  # the head's matmul in the compute dtype, as lm_head does
     loss_sum = liger_fused_linear_cross_entropy(
-        h, weight, y, ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap or None,
+        h,
+        weight,
+        y,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+        softcap=softcap or None,
         # a trained head accumulates its gradient over the chunks in float32, as autograd would
         accum_dtype=torch.float32 if weight.requires_grad else None,
     )
@@ -168,7 +173,9 @@ class ChunkedLossCausalLM:
         if self.loss_kernel == "liger":
             loss = liger_causal_lm_loss(hidden, head.weight, labels, num_items_in_batch, softcap)
         else:
-            loss = chunked_causal_lm_loss(hidden, head.weight, labels, num_items_in_batch, self.loss_chunk_tokens, softcap)
+            loss = chunked_causal_lm_loss(
+                hidden, head.weight, labels, num_items_in_batch, self.loss_chunk_tokens, softcap
+            )
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
 

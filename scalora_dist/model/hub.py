@@ -16,7 +16,13 @@ from scalora_dist.config import ConfigError, ModelConfig
 
 # What training and the merged export read; never *.bin / *.pth / GGUF copies of the weights.
 ALLOW_PATTERNS = [
-    "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja",
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
 ]
 
 
@@ -47,7 +53,10 @@ def resolve_model_dir(cfg: ModelConfig, *, local_files_only: bool = False) -> Pa
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     revision = cfg.revision or None
@@ -55,7 +64,9 @@ def resolve_model_dir(cfg: ModelConfig, *, local_files_only: bool = False) -> Pa
     download = f"hf download {cfg.path}" + (f" --revision {revision}" if revision else "")
     try:
         snapshot = snapshot_download(
-            cfg.path, revision=revision, allow_patterns=ALLOW_PATTERNS,
+            cfg.path,
+            revision=revision,
+            allow_patterns=ALLOW_PATTERNS,
             local_files_only=local_files_only,
         )
     except LocalEntryNotFoundError:

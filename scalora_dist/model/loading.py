@@ -137,7 +137,9 @@ def load_checkpoint_weights(model: nn.Module, model_dir: Path, conversions: list
     if unknown:
         log.warning(
             "model.path: %d checkpoint tensor(s) match nothing in %s and are not loaded: %s",
-            len(unknown), type(model).__name__, ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""),
+            len(unknown),
+            type(model).__name__,
+            ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""),
         )
     filled: set[str] = set()
     by_file: dict[Path, list[str]] = {}

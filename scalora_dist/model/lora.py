@@ -91,7 +91,11 @@ _LORA_CLASSES: dict[type, type] = {}
 
 
 def add_lora(
-    linear: nn.Linear, rank: int, alpha: float, use_rslora: bool, dropout: float,
+    linear: nn.Linear,
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+    dropout: float,
     accumulator_rank: int = 0,
 ) -> LoRALinear:
     """Make `linear` (in place) a LoRALinear of rank `rank`; returns it. lora_A is left
@@ -198,8 +202,7 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> li
             available = sorted({n.rsplit(".", 1)[-1] for n in text_linears})
             raise ConfigError(
                 f"adapter.target_modules: {target!r} matches no module of this model"
-                + (" (plain names match inside the language model; use a dotted path for the rest)"
-                   if text else "")
+                + (" (plain names match inside the language model; use a dotted path for the rest)" if text else "")
                 + f"; its linear layers are named: {', '.join(available)}"
             )
         not_linear = [n for n in hits if n not in linears]
@@ -262,9 +265,7 @@ def merge_and_unwrap(model: nn.Module) -> None:
         layer.__class__ = layer.base_class()
 
 
-def save_peft_adapter(
-    model: nn.Module, out_dir: str | Path, cfg: AdapterConfig, base_model_path: str
-) -> Path | None:
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: AdapterConfig, base_model_path: str) -> Path | None:
     """Write adapter_config.json + adapter_model.safetensors in PEFT's LoRA format.
     Every rank calls it (sharded factors are gathered); rank 0 writes."""
     layers = lora_layers(model)

@@ -55,9 +55,14 @@ def quantize_linears_(model: nn.Module, names: list[str], cfg: ModelConfig, dtyp
     for name in names:
         linear = model.get_submodule(name)
         q = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=compute, compress_statistics=cfg.double_quant, quant_type=cfg.quant_type,
-            quant_storage=dtype, device="meta",
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute,
+            compress_statistics=cfg.double_quant,
+            quant_type=cfg.quant_type,
+            quant_storage=dtype,
+            device="meta",
         )
         q.weight = nn.Parameter(
             torch.empty(packed_shape(linear.out_features, linear.in_features, dtype), dtype=dtype, device="meta"),
@@ -83,8 +88,11 @@ def quantize_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
     quant_type, double_quant, storage = module.quant_settings
     codes, state = bnbf.quantize_4bit(
-        weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
-        quant_type=quant_type, quant_storage=storage,
+        weight.contiguous(),
+        blocksize=BLOCKSIZE,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=storage,
     )
     module.quant_state = state
     return codes

@@ -32,8 +32,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise ConfigError(
-            f"cannot shard {type(model).__name__}: it declares no decoder block classes "
-            "(_no_split_modules)"
+            f"cannot shard {type(model).__name__}: it declares no decoder block classes (_no_split_modules)"
         )
     return blocks
 
@@ -73,7 +72,8 @@ def apply_fsdp(
     """Shard `model` over `mesh`; `replicated_weights` (base_placement: replicated) stay whole
     on every rank as FSDP2 ignored_params, and the rest is then one group at the root."""
     kwargs = dict(
-        mesh=mesh, mp_policy=mixed_precision_policy(param_dtype),
+        mesh=mesh,
+        mp_policy=mixed_precision_policy(param_dtype),
         shard_placement_fn=lora_A_on_dim1(model, mesh.size()),
     )
     if cpu_offload:

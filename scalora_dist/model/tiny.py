@@ -121,10 +121,12 @@ def build_tokenizer(
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -150,8 +152,19 @@ def build_tokenizer(
     return wrapped
 
 
-def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, num_heads,
-                  num_kv_heads, intermediate_size, max_position_embeddings, tie_word_embeddings=False):
+def _model_config(
+    arch: str,
+    vocab: int,
+    tokenizer,
+    *,
+    hidden_size,
+    num_layers,
+    num_heads,
+    num_kv_heads,
+    intermediate_size,
+    max_position_embeddings,
+    tie_word_embeddings=False,
+):
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if num_heads % num_kv_heads:
@@ -181,8 +194,7 @@ def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, 
     if arch in ("gemma3", "gemma3-multimodal"):
         # Alternate sliding / full attention (the last layer is always full), with a
         # small window so short test sequences exercise both kinds.
-        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                       for i in range(num_layers)]
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
         layer_types[-1] = "full_attention"
         text = transformers.Gemma3TextConfig(
             head_dim=head_dim,
@@ -194,13 +206,21 @@ def _model_config(arch: str, vocab: int, tokenizer, *, hidden_size, num_layers, 
         if arch == "gemma3":
             return text
         vision = transformers.SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            image_size=28, patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         )
         return transformers.Gemma3Config(
-            text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-            boi_token_index=tokenizer.bos_token_id, eoi_token_index=tokenizer.eos_token_id,
-            image_token_index=tokenizer.unk_token_id, tie_word_embeddings=tie_word_embeddings,
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            boi_token_index=tokenizer.bos_token_id,
+            eoi_token_index=tokenizer.eos_token_id,
+            image_token_index=tokenizer.unk_token_id,
+            tie_word_embeddings=tie_word_embeddings,
         )
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
@@ -230,18 +250,22 @@ def make_tiny_model(
     tokenizer = build_tokenizer(corpus_files, vocab_size=vocab_size)
     tokenizer.model_max_length = max_position_embeddings
     config = _model_config(
-        arch, len(tokenizer), tokenizer,
-        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        arch,
+        len(tokenizer),
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
     )
     config.dtype = torch.float32
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Chat generations end at <|im_end|>, plain text at <|eos|>.
-    model.generation_config.eos_token_id = [
-        tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)
-    ]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

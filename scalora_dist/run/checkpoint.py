@@ -21,9 +21,10 @@ is loaded.
 
 A ScaLoRA run cannot be resumed from its adapters (the merged part of every weight is high
 rank), so the model state is the whole model, except frozen 4-bit codes: they never change
-and are quantised again from model.path at setup, so they are not written. `get_state_dict`/`set_state_dict` give the same
-FQN-keyed state for FSDP2-sharded (DTensor) and plain modules, and DCP reshards on load, so a
-checkpoint written by N ranks loads on M ranks, or into a plain single-process model.
+and are quantised again from model.path at setup, so they are not written.
+`get_state_dict`/`set_state_dict` give the same FQN-keyed state for FSDP2-sharded (DTensor)
+and plain modules, and DCP reshards on load, so a checkpoint written by N ranks loads on M
+ranks, or into a plain single-process model.
 
 The merged export (of a live model or of any checkpoint) is scalora_dist/run/export.py.
 """
@@ -40,9 +41,10 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,13 +91,25 @@ class OutOfSpaceError(CheckpointError):
 
 
 _METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     ("pathlib", "PureWindowsPath"),
 }
 
@@ -106,7 +120,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _METADATA_CLASSES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
@@ -123,11 +138,13 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.path}: {DCP_METADATA} is not a checkpoint's metadata "
-                                  f"({e}); refusing to load it") from None
+            raise CheckpointError(
+                f"checkpoint {self.path}: {DCP_METADATA} is not a checkpoint's metadata ({e}); refusing to load it"
+            ) from None
         if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"checkpoint {self.path}: {DCP_METADATA} holds a {type(metadata).__name__}, "
-                                  "not a checkpoint's metadata")
+            raise CheckpointError(
+                f"checkpoint {self.path}: {DCP_METADATA} holds a {type(metadata).__name__}, not a checkpoint's metadata"
+            )
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -312,7 +329,7 @@ def _remove_stale(ckpt_root: Path) -> None:
         if not child.is_dir():
             continue
         if child.name.startswith(OLD_PREFIX):
-            original = ckpt_root / (STEP_PREFIX + child.name[len(OLD_PREFIX):])
+            original = ckpt_root / (STEP_PREFIX + child.name[len(OLD_PREFIX) :])
             if (child / COMPLETE).is_file() and not original.exists():
                 log.warning("restoring %s, set aside by an interrupted save", original)
                 os.rename(child, original)
@@ -330,8 +347,7 @@ def _check_checkpoint_dir(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a directory")
     if path.name.startswith((TMP_PREFIX, OLD_PREFIX)):
         raise CheckpointError(
-            f"checkpoint {path} is the leftover of an interrupted save; use a step-XXXXXXXX "
-            "directory (or 'latest')"
+            f"checkpoint {path} is the leftover of an interrupted save; use a step-XXXXXXXX directory (or 'latest')"
         )
     if not (path / COMPLETE).is_file():
         raise CheckpointError(
@@ -364,8 +380,9 @@ def verify_checkpoint(path: Path, *, checksums: bool = True) -> None:
     files = marker.get("files")
     if files is None:
         if rank_world()[0] == 0:
-            log.warning("checkpoint %s was written before checkpoints had a manifest: its files cannot be "
-                        "verified", path)
+            log.warning(
+                "checkpoint %s was written before checkpoints had a manifest: its files cannot be verified", path
+            )
         return
     rank, world = rank_world()
     names = sorted(files)
@@ -431,8 +448,7 @@ def save_checkpoint(
         def write_own_files() -> dict[str, dict]:
             if not tmp.is_dir():
                 raise CheckpointError(
-                    f"{tmp} is not visible here: the checkpoint directory must be on a "
-                    "filesystem shared by all ranks"
+                    f"{tmp} is not visible here: the checkpoint directory must be on a filesystem shared by all ranks"
                 )
             _write_durable(tmp / _rng_file(rank), _rng_bytes())
             if rank == 0:
@@ -449,8 +465,14 @@ def save_checkpoint(
             time.sleep(slow)
 
         def commit() -> None:
-            marker = {"format": FORMAT, "step": step, "world_size": world, "saved_at": time.time(),
-                      "save_seconds": round(time.perf_counter() - started, 3), "files": files}
+            marker = {
+                "format": FORMAT,
+                "step": step,
+                "world_size": world,
+                "saved_at": time.time(),
+                "save_seconds": round(time.perf_counter() - started, 3),
+                "files": files,
+            }
             _write_durable(tmp / COMPLETE, (json.dumps(marker) + "\n").encode())
             _fsync_dir(tmp)
             old = None
@@ -488,6 +510,7 @@ matters only for tiny models, whose checkpoints it dominates."""
 
 def _total_bytes(*state_dicts: dict) -> int:
     """About the bytes a DCP checkpoint of these state dicts takes, all ranks' shards together."""
+
     def walk(x: Any) -> int:
         if isinstance(x, torch.Tensor):
             t = x.to_local() if hasattr(x, "to_local") else x
@@ -571,10 +594,15 @@ def _out_of_space_message(ckpt_root: Path, step: int, needed: int) -> str:
     last = latest_checkpoint(ckpt_root)
     if last is not None:  # what the last one took on disk: the best estimate there is
         needed = sum(f.stat().st_size for f in last.iterdir() if f.is_file())
-    resume = (f"the last complete checkpoint is {last}: free some space, then run again with --resume latest"
-              if last is not None else "no complete checkpoint was written yet: free some space and start again")
-    return (f"checkpoint save at step {step}: out of disk space in {ckpt_root} (the checkpoint needs about "
-            f"{format_bytes(needed)}{free}); the partial save was removed; {resume}")
+    resume = (
+        f"the last complete checkpoint is {last}: free some space, then run again with --resume latest"
+        if last is not None
+        else "no complete checkpoint was written yet: free some space and start again"
+    )
+    return (
+        f"checkpoint save at step {step}: out of disk space in {ckpt_root} (the checkpoint needs about "
+        f"{format_bytes(needed)}{free}); the partial save was removed; {resume}"
+    )
 
 
 def format_bytes(n: float) -> str:
@@ -591,8 +619,7 @@ def estimated_checkpoint_bytes(model: nn.Module, moment_bytes: float = 8) -> int
     optimizer state per trainable parameter (AdamW's two float32 moments: 8; 8-bit AdamW's:
     about 2), all ranks together. Every rank calls it when distributed (one all-reduce)."""
     frozen = tuple(_frozen_codes(model))
-    model_sd = {k: v for k, v in model.state_dict().items()
-                if not any(k == f or k.startswith(f + ".") for f in frozen)}
+    model_sd = {k: v for k, v in model.state_dict().items() if not any(k == f or k.startswith(f + ".") for f in frozen)}
     trainable = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
     moments = moment_bytes * sum(p.numel() for p in trainable) + 2 * DCP_BYTES_PER_TENSOR * len(trainable)
     return _total_bytes(model_sd) + int(_sum_over_ranks(moments))
@@ -606,9 +633,14 @@ def warn_if_short_of_space(run_dir: Path, checkpoint_bytes: int) -> None:
     except OSError:
         return
     if free < 2 * checkpoint_bytes:
-        log.warning("output.dir %s has %s free, and a checkpoint of this run takes about %s: a save needs room "
-                    "for two (the new one is written before an old one is removed); free some space or move "
-                    "output.dir", run_dir, format_bytes(free), format_bytes(checkpoint_bytes))
+        log.warning(
+            "output.dir %s has %s free, and a checkpoint of this run takes about %s: a save needs room "
+            "for two (the new one is written before an old one is removed); free some space or move "
+            "output.dir",
+            run_dir,
+            format_bytes(free),
+            format_bytes(checkpoint_bytes),
+        )
 
 
 def _prune(ckpt_root: Path, just_saved: Path, keep_last: int) -> None:
@@ -619,7 +651,8 @@ def _prune(ckpt_root: Path, just_saved: Path, keep_last: int) -> None:
         log.warning(
             "checkpoints newer than the one just saved (%s) exist: %s; they are from an "
             "earlier run and 'latest' still picks them",
-            just_saved.name, ", ".join(newer),
+            just_saved.name,
+            ", ".join(newer),
         )
     if keep_last <= 0:
         return
@@ -666,9 +699,7 @@ def resolve_checkpoint(spec: str, ckpt_root: Path) -> Path:
     if spec == "latest":
         path = latest_checkpoint(ckpt_root)
         if path is None:
-            partial = (
-                sorted(c.name for c in ckpt_root.iterdir() if c.is_dir()) if ckpt_root.is_dir() else []
-            )
+            partial = sorted(c.name for c in ckpt_root.iterdir() if c.is_dir()) if ckpt_root.is_dir() else []
             detail = f" (only incomplete ones: {', '.join(partial)})" if partial else ""
             where = "does not exist" if not ckpt_root.exists() else "has no complete checkpoint"
             raise CheckpointError(
@@ -694,10 +725,7 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
     model_sd, optim_sd = get_state_dict(model, optimizer)
     frozen = tuple(_frozen_codes(model))
     if frozen:
-        model_sd = {
-            k: v for k, v in model_sd.items()
-            if not any(k == f or k.startswith(f + ".") for f in frozen)
-        }
+        model_sd = {k: v for k, v in model_sd.items() if not any(k == f or k.startswith(f + ".") for f in frozen)}
     return model_sd, optim_sd
 
 
@@ -733,7 +761,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = {"model": model_sd, "optim": optim_sd}
     dcp_load(state, path, distributed=_distributed())
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
         options=StateDictOptions(strict=not _frozen_codes(model)),  # the codes stay as loaded
     )
     del state, model_sd, optim_sd
@@ -745,7 +776,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     elif rank == 0:
         log.warning(
             "checkpoint %s was saved by %s process(es), this job has %d: random number "
-            "streams restart (this only affects dropout)", path, saved_world, world,
+            "streams restart (this only affects dropout)",
+            path,
+            saved_world,
+            world,
         )
     log.info("resumed from %s (step %s)", path, marker.get("step"))
     return app_state

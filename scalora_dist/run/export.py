@@ -19,28 +19,43 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from scalora_dist.run.checkpoint import (
-    CheckpointError, attempt, dcp_keys, dcp_load, raise_if_any_rank_failed, rank_world, read_app_state,
-    verify_checkpoint,
-)
 from scalora_dist.config import config_from_dict
 from scalora_dist.model.build import meta_model
 from scalora_dist.model.hub import resolve_model_dir
 from scalora_dist.model.loading import (
-    DTYPES, checkpoint_files, load_tokenizer, model_names_of_checkpoint, record_weight_conversions,
+    DTYPES,
+    checkpoint_files,
+    load_tokenizer,
+    model_names_of_checkpoint,
+    record_weight_conversions,
 )
 from scalora_dist.model.lora import LoRALinear, find_target_linears, inject_adapters
 from scalora_dist.model.quant import (
-    dequantize, is_quantized_linear, quant_state, quantize_linears_, quantize_weight, require_bitsandbytes,
+    dequantize,
+    is_quantized_linear,
+    quant_state,
+    quantize_linears_,
+    quantize_weight,
+    require_bitsandbytes,
+)
+from scalora_dist.run.checkpoint import (
+    CheckpointError,
+    attempt,
+    dcp_keys,
+    dcp_load,
+    raise_if_any_rank_failed,
+    rank_world,
+    read_app_state,
+    verify_checkpoint,
 )
 
 log = logging.getLogger("scalora_dist")
@@ -161,8 +176,7 @@ def _export_groups(model: nn.Module, dtype: torch.dtype) -> list[list[_Item]]:
                 if id(p) in seen:
                     if tied:
                         continue  # tied to seen[id(p)] (lm_head -> embed_tokens): the loader re-ties
-                    log.warning("export_merged: %s shares its tensor with %s; writing a copy",
-                                name, seen[id(p)])
+                    log.warning("export_merged: %s shares its tensor with %s; writing a copy", name, seen[id(p)])
                 seen.setdefault(id(p), name)
                 emit(_param_item(name, module, pname, dtype))
             for bname, b in module._buffers.items():
@@ -316,8 +330,7 @@ def export_merged(
     return out_dir if rank == 0 else None
 
 
-def _write_metadata(model: nn.Module, out_dir: Path, tokenizer, dtype: torch.dtype,
-                    writer: _ShardWriter) -> None:
+def _write_metadata(model: nn.Module, out_dir: Path, tokenizer, dtype: torch.dtype, writer: _ShardWriter) -> None:
     files = writer.finish()
     config = copy.deepcopy(model.config)
     config.dtype = dtype
@@ -336,14 +349,17 @@ def _write_metadata(model: nn.Module, out_dir: Path, tokenizer, dtype: torch.dty
     log.info("exported merged weights to %s (%s)", out_dir, ", ".join(files))
 
 
-
 # -- export of a checkpoint ------------------------------------------------------------------
 
 
 @torch.no_grad()
 def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, *, model_path: str | None = None,
-    dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3,
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model_path: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Write the merged transformers checkpoint of a run's DCP checkpoint to out_dir, in this
     process (no process group), as the run's own export would have. `model_path` replaces
@@ -415,7 +431,9 @@ def export_checkpoint(
 
 
 @torch.no_grad()
-def export_checkpoint_adapter(ckpt_dir: str | Path, out_dir: str | Path, *, model_path: str | None = None) -> Path | None:
+def export_checkpoint_adapter(
+    ckpt_dir: str | Path, out_dir: str | Path, *, model_path: str | None = None
+) -> Path | None:
     """For a LoRA run's checkpoint, its PEFT adapter (only the factors are read); None for
     other methods, whose result is not an adapter."""
 

@@ -40,12 +40,14 @@ def writer_rank(name: str) -> int:
 
 def describe(directory: Path, names: list[str]) -> dict[str, dict]:
     """{name: {"size", "xxh3_64"}} of the given files of `directory`."""
-    return {name: {"size": (directory / name).stat().st_size, "xxh3_64": file_checksum(directory / name)}
-            for name in names}
+    return {
+        name: {"size": (directory / name).stat().st_size, "xxh3_64": file_checksum(directory / name)} for name in names
+    }
 
 
-def problems(directory: Path, manifest: dict[str, dict], names: list[str] | None = None, *,
-             checksums: bool = True) -> list[str]:
+def problems(
+    directory: Path, manifest: dict[str, dict], names: list[str] | None = None, *, checksums: bool = True
+) -> list[str]:
     """What is wrong with `names` (default: every file the manifest lists) of `directory`:
     missing, of another size, or (once every size agrees, and with `checksums`) of another
     checksum. Empty when they verify."""
@@ -56,9 +58,14 @@ def problems(directory: Path, manifest: dict[str, dict], names: list[str] | None
         if not path.is_file():
             found.append(f"{name} is missing")
         elif path.stat().st_size != manifest[name]["size"]:
-            found.append(f"{name} is {path.stat().st_size:,} bytes, the manifest says {manifest[name]['size']:,} "
-                         "(truncated or overwritten)")
+            found.append(
+                f"{name} is {path.stat().st_size:,} bytes, the manifest says {manifest[name]['size']:,} "
+                "(truncated or overwritten)"
+            )
     if found or not checksums:
         return found
-    return [f"{name} does not match its checksum (its content changed after the save)"
-            for name in names if file_checksum(directory / name) != manifest[name]["xxh3_64"]]
+    return [
+        f"{name} does not match its checksum (its content changed after the save)"
+        for name in names
+        if file_checksum(directory / name) != manifest[name]["xxh3_64"]
+    ]

@@ -24,25 +24,51 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scalora_dist.run.checkpoint import (
-    CheckpointError, dcp_keys, newest_verified_checkpoint, read_app_state, resolve_checkpoint, verify_checkpoint,
-)
 from scalora_dist.config import Config, ConfigError, to_dict
+from scalora_dist.run.checkpoint import (
+    CheckpointError,
+    dcp_keys,
+    newest_verified_checkpoint,
+    read_app_state,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "checkpoints", "merged", "adapter",
-             "STOPPED")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "eval.jsonl",
+    "samples.jsonl",
+    "checkpoints",
+    "merged",
+    "adapter",
+    "STOPPED",
+)
 LOGS = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
 
 # Keys a resumed run may change: how it is spread over processes, logged, evaluated,
 # saved and exported; not what it trains, on what, or how.
 RESUMABLE_CHANGES = {
-    "model.attn_implementation", "model.gradient_checkpointing", "model.cpu_offload",
-    "model.offload_activations", "model.loss_kernel",
-    "model.base_placement", "train.micro_batch_size", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.save_every", "train.save_every_minutes", "train.keep_last",
-    "train.on_nonfinite_loss", "train.collective_timeout_s",
-    "train.sample_prompts", "train.sample_max_new_tokens",
-    "train.max_steps", "train.epochs", "data.eval_files",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+    "model.cpu_offload",
+    "model.offload_activations",
+    "model.loss_kernel",
+    "model.base_placement",
+    "train.micro_batch_size",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.save_every_minutes",
+    "train.keep_last",
+    "train.on_nonfinite_loss",
+    "train.collective_timeout_s",
+    "train.sample_prompts",
+    "train.sample_max_new_tokens",
+    "train.max_steps",
+    "train.epochs",
+    "data.eval_files",
 }
 
 
@@ -119,8 +145,9 @@ class Start:
         return int(self.saved["step"]) if self.saved else 0
 
 
-def plan_start(cfg: Config, resume: str | None, *, overwrite: bool = False, force_resume: bool = False,
-               checksums: bool = True) -> Start:
+def plan_start(
+    cfg: Config, resume: str | None, *, overwrite: bool = False, force_resume: bool = False, checksums: bool = True
+) -> Start:
     """Apply the rules that need no model or data: output.dir, a fresh start into a run,
     a checkpoint that does not verify against its manifest (--resume auto falls back to the
     newest that does; latest and a path refuse), a checkpoint of another configuration.
@@ -137,8 +164,9 @@ def plan_start(cfg: Config, resume: str | None, *, overwrite: bool = False, forc
             try:
                 verify_checkpoint(checkpoint, checksums=checksums)
             except CheckpointError as e:
-                raise CheckpointError(f"resume: {e}; --resume auto would fall back to the newest checkpoint "
-                                      "that verifies") from None
+                raise CheckpointError(
+                    f"resume: {e}; --resume auto would fall back to the newest checkpoint that verifies"
+                ) from None
     found = run_artifacts(run_dir)
     if checkpoint is None and found and not overwrite and resume != "auto":
         refuse_fresh_start(run_dir, found)

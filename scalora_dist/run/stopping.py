@@ -51,8 +51,12 @@ def _handle_ctrl_c(signum: int, frame: object) -> None:
     _received.append(signum)
     import sys
 
-    print("\nCtrl-C: stopping after a checkpoint at the next point every rank reaches; press Ctrl-C again "
-          "to stop at once (the steps since the last checkpoint are lost)", file=sys.stderr, flush=True)
+    print(
+        "\nCtrl-C: stopping after a checkpoint at the next point every rank reaches; press Ctrl-C again "
+        "to stop at once (the steps since the last checkpoint are lost)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def install_early() -> None:
@@ -130,9 +134,17 @@ def any_rank_asks(stop: bool, save: bool, device) -> tuple[bool, bool]:
 
 
 def write_marker(run_dir: Path, step: int, signal_name: str, checkpoint: Path | None) -> None:
-    (Path(run_dir) / STOPPED_MARKER).write_text(json.dumps(
-        {"step": step, "signal": signal_name, "checkpoint": str(checkpoint) if checkpoint else None,
-         "time": time.time()}) + "\n")
+    (Path(run_dir) / STOPPED_MARKER).write_text(
+        json.dumps(
+            {
+                "step": step,
+                "signal": signal_name,
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "time": time.time(),
+            }
+        )
+        + "\n"
+    )
 
 
 def read_marker(run_dir: Path) -> dict | None:

@@ -57,12 +57,25 @@ class RefactorReport:
         averaged over the reports that have them, the last kappa."""
         alphas = [r.mean_alpha for r in reports if r.mean_alpha is not None]
         betas = [r.mean_beta for r in reports if r.mean_beta is not None]
-        summed = {f: sum(getattr(r, f) for r in reports) for f in (
-            "column", "scalar", "skipped", "reduced_bytes", "collectives", "gathered_bytes",
-            "increment_norm_sq", "dropped_norm_sq")}
-        return cls(**summed, mean_alpha=sum(alphas) / len(alphas) if alphas else None,
-                   mean_beta=sum(betas) / len(betas) if betas else None,
-                   kappa=reports[-1].kappa if reports else None)
+        summed = {
+            f: sum(getattr(r, f) for r in reports)
+            for f in (
+                "column",
+                "scalar",
+                "skipped",
+                "reduced_bytes",
+                "collectives",
+                "gathered_bytes",
+                "increment_norm_sq",
+                "dropped_norm_sq",
+            )
+        }
+        return cls(
+            **summed,
+            mean_alpha=sum(alphas) / len(alphas) if alphas else None,
+            mean_beta=sum(betas) / len(betas) if betas else None,
+            kappa=reports[-1].kappa if reports else None,
+        )
 
     def as_metrics(self) -> dict[str, float | int | None]:
         """The metrics.jsonl fields (scalora_acc_dropped_fraction only on a 4-bit base)."""
@@ -204,8 +217,14 @@ class ScaLoRA:
             # the device runs in order, without waiting for the host.
             on_device = _to_device(kept, layers[0].lora_A.device)
             at = [i for i, _ in kept]
-            self._rewrite_all([layers[i] for i in at], on_device, [stats[i][2:] for i in at],
-                              full_As=[full_As[i] for i in at], full_Bs=[full_Bs[i] for i in at], report=report)
+            self._rewrite_all(
+                [layers[i] for i in at],
+                on_device,
+                [stats[i][2:] for i in at],
+                full_As=[full_As[i] for i in at],
+                full_Bs=[full_Bs[i] for i in at],
+                report=report,
+            )
         for layer in self.layers:
             layer.full_A = None
         return report
@@ -238,8 +257,13 @@ class ScaLoRA:
         return stats
 
     def _rewrite(
-        self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
-        *, full_A: torch.Tensor | None = None, full_B: torch.Tensor | None = None,
+        self,
+        layer: LoRALinear,
+        scales: sm.Scales,
+        acc_grams: list[torch.Tensor] = (),
+        *,
+        full_A: torch.Tensor | None = None,
+        full_B: torch.Tensor | None = None,
         report: RefactorReport | None = None,
     ) -> None:
         """_rewrite_all for one layer."""
@@ -247,8 +271,13 @@ class ScaLoRA:
 
     @torch.no_grad()
     def _rewrite_all(
-        self, layers: list[LoRALinear], scales: list[sm.Scales], acc_grams: list[list[torch.Tensor]],
-        *, full_As: list[torch.Tensor | None], full_Bs: list[torch.Tensor | None],
+        self,
+        layers: list[LoRALinear],
+        scales: list[sm.Scales],
+        acc_grams: list[list[torch.Tensor]],
+        *,
+        full_As: list[torch.Tensor | None],
+        full_Bs: list[torch.Tensor | None],
         report: RefactorReport | None = None,
     ) -> None:
         """Merge each layer's increment (from the old factors), then rescale the local shards
@@ -258,7 +287,9 @@ class ScaLoRA:
             for layer, layer_scales, grams, full_A, full_B in zip(layers, scales, acc_grams, full_As, full_Bs):
                 self._merge(layer, layer_scales, grams, full_A=full_A, full_B=full_B, report=report)
                 A, B = layer.lora_A, layer.lora_B
-                plan = sm.factor_plan(local_tensor(A), local_tensor(B)) + sm.gradient_plan(local_tensor(A.grad), local_tensor(B.grad))
+                plan = sm.factor_plan(local_tensor(A), local_tensor(B)) + sm.gradient_plan(
+                    local_tensor(A.grad), local_tensor(B.grad)
+                )
                 moments_A = open_moments.enter_context(adam_moments(self.optimizer, A))
                 moments_B = open_moments.enter_context(adam_moments(self.optimizer, B))
                 if moments_A is not None and moments_B is not None:
@@ -267,8 +298,14 @@ class ScaLoRA:
             sm.rescale_many_(plans, scales)
 
     def _merge(
-        self, layer: LoRALinear, scales: sm.Scales, acc_grams: list[torch.Tensor] = (),
-        *, full_A: torch.Tensor | None, full_B: torch.Tensor | None, report: RefactorReport | None,
+        self,
+        layer: LoRALinear,
+        scales: sm.Scales,
+        acc_grams: list[torch.Tensor] = (),
+        *,
+        full_A: torch.Tensor | None,
+        full_B: torch.Tensor | None,
+        report: RefactorReport | None,
     ) -> None:
         """Merge into this rank's rows of the base (or its accumulator). `acc_grams`: the
         accumulator's reduced Grams (default: this process's own); `full_A`: the whole
@@ -283,8 +320,12 @@ class ScaLoRA:
             U, V, A, B = (local_tensor(t) for t in (layer.acc_U, layer.acc_V, layer.lora_A, layer.lora_B))
             left_gram = sm.left_gram_for(acc_grams[0], coef.to(acc_grams[0].device))
             new_U, new_V, dropped = sm.accumulate_low_rank(
-                U, V, B.double() * coef.to(B.device), A.double().T,
-                left_gram=left_gram, right_gram=acc_grams[1],
+                U,
+                V,
+                B.double() * coef.to(B.device),
+                A.double().T,
+                left_gram=left_gram,
+                right_gram=acc_grams[1],
             )
             U.copy_(new_U)
             V.copy_(new_V)

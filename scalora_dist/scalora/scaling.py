@@ -72,9 +72,7 @@ def column_scaling_system(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tenso
     return K, lam
 
 
-def _solve_psd(
-    M: torch.Tensor, rhs: torch.Tensor, ridge: float, max_condition: float
-) -> Optional[torch.Tensor]:
+def _solve_psd(M: torch.Tensor, rhs: torch.Tensor, ridge: float, max_condition: float) -> Optional[torch.Tensor]:
     """Positive solution of the symmetric PSD system M x = rhs, or None if there is none we trust."""
     if not (torch.isfinite(M).all() and torch.isfinite(rhs).all()):
         return None
@@ -238,7 +236,12 @@ def adam_moment_plan(
 ) -> RescalePlan:
     """Map AdamW state like the gradients (second moments by the squares), so the direction
     m / sqrt(v) is unchanged and no reset or re-warm-up is needed. A/B = lora_A/lora_B."""
-    return [(exp_avg_A, "alpha", 0), (exp_avg_sq_A, "alpha_sq", 0), (exp_avg_B, "beta", 1), (exp_avg_sq_B, "beta_sq", 1)]
+    return [
+        (exp_avg_A, "alpha", 0),
+        (exp_avg_sq_A, "alpha_sq", 0),
+        (exp_avg_B, "beta", 1),
+        (exp_avg_sq_B, "beta_sq", 1),
+    ]
 
 
 def rescale_many_(plans: list[RescalePlan], scales: list[Scales]) -> None:

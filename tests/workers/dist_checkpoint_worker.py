@@ -32,9 +32,15 @@ def free_port() -> int:
 
 # Imported once by the forkserver; every worker process is then a fork of it (a fresh
 # `spawn` costs several seconds of imports per process on a small machine).
-PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama",
-           "torch.distributed.checkpoint", "torch.distributed.fsdp", "scalora_dist.run.checkpoint",
-           "dist_checkpoint_worker"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "scalora_dist.run.checkpoint",
+    "dist_checkpoint_worker",
+]
 
 
 def run_job(fn, world: int, *args) -> None:
@@ -42,16 +48,15 @@ def run_job(fn, world: int, *args) -> None:
     (mp.ProcessRaisedException / ProcessExitedException)."""
     mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
     port = free_port()
-    mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=True,
-                       start_method="forkserver")
+    mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=True, start_method="forkserver")
 
 
 def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
 
 
 def _done() -> None:
@@ -72,8 +77,12 @@ def build_model(model_dir, *, shard: bool):
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if shard else None
     model = production_build(
-        Path(model_dir), ModelConfig(path=str(model_dir), dtype="float32"),
-        AdapterConfig(method="scalora", rank=2), torch.device("cpu"), seed=MODEL_SEED, mesh=mesh,
+        Path(model_dir),
+        ModelConfig(path=str(model_dir), dtype="float32"),
+        AdapterConfig(method="scalora", rank=2),
+        torch.device("cpu"),
+        seed=MODEL_SEED,
+        mesh=mesh,
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     return model, optimizer
@@ -228,8 +237,10 @@ def error_job(rank, world, port, model_dir, blocker) -> None:
 
     _init(rank, world, port)
     model, opt = build_model(model_dir, shard=True)
-    for attempt in (lambda: save_checkpoint(Path(blocker), 1, model, opt, {}),
-                    lambda: export_merged(model, Path(blocker), None, dtype=torch.float32)):
+    for attempt in (
+        lambda: save_checkpoint(Path(blocker), 1, model, opt, {}),
+        lambda: export_merged(model, Path(blocker), None, dtype=torch.float32),
+    ):
         try:
             attempt()
         except CheckpointError as e:

@@ -24,13 +24,23 @@ REPO = Path(__file__).resolve().parents[2]
 def main() -> None:
     model_dir, out = sys.argv[1], sys.argv[2]
     info = init_distributed()
-    cfg = load_config(None, [
-        f"model.path={model_dir}",
-        f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=32", "data.packing=true", "adapter.rank=2", "adapter.alpha=4",
-        "adapter.scalora.warmup_steps=1", "train.max_steps=2", "train.micro_batch_size=1",
-        "train.lr=1e-2", "output.dir=/tmp/unused", *sys.argv[3:],
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=32",
+            "data.packing=true",
+            "adapter.rank=2",
+            "adapter.alpha=4",
+            "adapter.scalora.warmup_steps=1",
+            "train.max_steps=2",
+            "train.micro_batch_size=1",
+            "train.lr=1e-2",
+            "output.dir=/tmp/unused",
+            *sys.argv[3:],
+        ],
+    )
     run = setup(cfg, info)
     # One plain step so lora_B is non-zero and AdamW has state, then a measured refactor step.
     train_step(run, 0)
@@ -40,14 +50,18 @@ def main() -> None:
         with CollectiveRecorder() as refactor_rec:
             report = run.scalora.refactor()
     if info.is_main:
-        Path(out).write_text(json.dumps({
-            "refactor": refactor_rec.calls,
-            "step": step_rec.calls,
-            "layers": len(run.scalora.layers),
-            "rank": cfg.adapter.rank,
-            "reported_bytes": report.reduced_bytes,
-            "gathered_bytes": report.gathered_bytes,
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "refactor": refactor_rec.calls,
+                    "step": step_rec.calls,
+                    "layers": len(run.scalora.layers),
+                    "rank": cfg.adapter.rank,
+                    "reported_bytes": report.reduced_bytes,
+                    "gathered_bytes": report.gathered_bytes,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 

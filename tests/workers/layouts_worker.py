@@ -30,12 +30,23 @@ def probe_ids(vocab_size: int) -> torch.Tensor:
 
 
 def run_case(model_dir: str, overrides: list[str], out: Path, world: int) -> None:
-    cfg = load_config(None, [
-        f"model.path={model_dir}", f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=32", "data.packing=true", "adapter.rank=2", "adapter.alpha=4",
-        "adapter.scalora.warmup_steps=1", f"train.max_steps={STEPS}", f"train.micro_batch_size={4 // world}",
-        "train.lr=1e-2", f"output.dir={out}", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=32",
+            "data.packing=true",
+            "adapter.rank=2",
+            "adapter.alpha=4",
+            "adapter.scalora.warmup_steps=1",
+            f"train.max_steps={STEPS}",
+            f"train.micro_batch_size={4 // world}",
+            "train.lr=1e-2",
+            f"output.dir={out}",
+            *overrides,
+        ],
+    )
     run = setup(cfg)
     for step in range(STEPS):
         train_step(run, step)
@@ -53,8 +64,9 @@ def main() -> None:
     info = init_distributed()
     for name, case in cases.items():
         if "config" in case:
-            train(load_config(case["config"], [*case["overrides"], f"output.dir={out_root / name}"]),
-                  show_progress=False)
+            train(
+                load_config(case["config"], [*case["overrides"], f"output.dir={out_root / name}"]), show_progress=False
+            )
         else:
             run_case(case["model"], case["overrides"], out_root / name, info.world_size)
     destroy_distributed(wait_for_peers=True)

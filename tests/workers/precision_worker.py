@@ -44,13 +44,24 @@ def masters(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def main() -> None:
     model_dir, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     info = init_distributed()
-    cfg = load_config(None, [
-        f"model.path={model_dir}", f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=32", "data.packing=true", "adapter.rank=4", "adapter.alpha=8",
-        "adapter.use_rslora=true", "adapter.scalora.warmup_steps=2", "train.max_steps=8",
-        f"train.micro_batch_size={4 // info.world_size}", "train.lr=1e-2", f"output.dir={out.parent / 'run'}",
-        *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+            "data.max_length=32",
+            "data.packing=true",
+            "adapter.rank=4",
+            "adapter.alpha=8",
+            "adapter.use_rslora=true",
+            "adapter.scalora.warmup_steps=2",
+            "train.max_steps=8",
+            f"train.micro_batch_size={4 // info.world_size}",
+            "train.lr=1e-2",
+            f"output.dir={out.parent / 'run'}",
+            *overrides,
+        ],
+    )
     run = setup(cfg)
     layers = lora_layers(run.model)
     records = []
@@ -63,21 +74,24 @@ def main() -> None:
             report = run.scalora.refactor()
             for name, layer in layers.items():
                 merged, adapter, effective = masters(layer)
-                records.append({
-                    "step": step + 1, "layer": name,
-                    "change": (effective - before[name][2]).norm().item(),
-                    "increment": (merged - before[name][0]).norm().item(),
-                    "merged": before[name][0].norm().item(), "adapter": before[name][1].norm().item(),
-                    "rank": layer.rank,
-                })
+                records.append(
+                    {
+                        "step": step + 1,
+                        "layer": name,
+                        "change": (effective - before[name][2]).norm().item(),
+                        "increment": (merged - before[name][0]).norm().item(),
+                        "merged": before[name][0].norm().item(),
+                        "adapter": before[name][1].norm().item(),
+                        "rank": layer.rank,
+                    }
+                )
             records[-1]["report"] = report.as_metrics()
         torch.nn.utils.clip_grad_norm_([p for p in run.params], 1.0)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     if info.is_main:
-        out.write_text(json.dumps({"world_size": info.world_size, "distributed": info.distributed,
-                                   "records": records}))
+        out.write_text(json.dumps({"world_size": info.world_size, "distributed": info.distributed, "records": records}))
     destroy_distributed(wait_for_peers=True)
 
 

@@ -75,6 +75,7 @@ def run_case(model_dir: str, dtype: str, placement: str, cast: str, ids: torch.T
             x = inputs[0].float()
             expected = x @ weights[name].T
             errors[name] = ((output.float() - expected).norm() / expected.norm()).item()
+
         return hook
 
     handles = [m.register_forward_hook(check(name)) for name, m in quantized_layers(model).items()]

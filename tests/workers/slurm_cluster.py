@@ -30,8 +30,15 @@ from pathlib import Path
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun", "munge", "munged")
 FINAL_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
 }
 
 
@@ -51,8 +58,10 @@ def unavailable_reason() -> str | None:
         return "needs root (slurmd runs jobs as the submitting user; namespaces need CAP_SYS_ADMIN)"
     missing = [b for b in SLURM_BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
     if missing:
-        return (f"SLURM/munge binaries missing ({', '.join(missing)}); install slurm-wlm slurmctld "
-                "slurmd slurm-client munge (.ci/run does as root)")
+        return (
+            f"SLURM/munge binaries missing ({', '.join(missing)}); install slurm-wlm slurmctld "
+            "slurmd slurm-client munge (.ci/run does as root)"
+        )
     for tool in ("unshare", "nsenter", "ip"):
         if shutil.which(tool) is None:
             return f"{tool} not found (util-linux / iproute2)"
@@ -99,9 +108,18 @@ class SlurmCluster:
         else:
             _run(["slurmctld", "-c", "-f", str(self.conf)], env=self._env())
             hosts = self.dir / "hosts"
-            _run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                  f"mount --bind {hosts} /etc/hosts && slurmd -N n1 -f {self.conf} && slurmd -N n2 -f {self.conf}"],
-                 env=self._env())
+            _run(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    f"mount --bind {hosts} /etc/hosts && slurmd -N n1 -f {self.conf} && slurmd -N n2 -f {self.conf}",
+                ],
+                env=self._env(),
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             proc = self.client(["sinfo", "-h", "-o", "%T"], check=False)
@@ -109,8 +127,9 @@ class SlurmCluster:
             if proc.returncode == 0 and states == {"idle"}:
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"SLURM nodes not idle after {timeout} s: {self.client(['sinfo', '-N'], check=False).stdout}"
-                           f"\n{self.logs()}")
+        raise RuntimeError(
+            f"SLURM nodes not idle after {timeout} s: {self.client(['sinfo', '-N'], check=False).stdout}\n{self.logs()}"
+        )
 
     def _env(self, extra: dict | None = None) -> dict:
         return {**os.environ, "SLURM_CONF": str(self.conf), **(extra or {})}
@@ -136,13 +155,15 @@ class SlurmCluster:
         for ns in [ctl, *self.ns_nodes]:
             if Path(f"/run/netns/{ns}").exists():
                 raise RuntimeError(f"namespace {ns} exists already")
-        _run(["ip", "netns", "add", ctl]); self.made_ns.append(ctl)
+        _run(["ip", "netns", "add", ctl])
+        self.made_ns.append(ctl)
         _run(["ip", "-n", ctl, "link", "set", "lo", "up"])
         _run(["ip", "-n", ctl, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", ctl, "addr", "add", "10.200.0.1/24", "dev", "br0"])
         _run(["ip", "-n", ctl, "link", "set", "br0", "up"])
         for i, ns in enumerate(self.ns_nodes, 1):
-            _run(["ip", "netns", "add", ns]); self.made_ns.append(ns)
+            _run(["ip", "netns", "add", ns])
+            self.made_ns.append(ns)
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             _run(["ip", "link", "add", f"v{i}", "netns", ctl, "type", "veth", "peer", "name", "eth0", "netns", ns])
             _run(["ip", "-n", ctl, "link", "set", f"v{i}", "master", "br0"])
@@ -152,23 +173,39 @@ class SlurmCluster:
 
     def _ns_daemon(self, ns: str, hostname: str, command: str) -> None:
         hosts = self.dir / "hosts"
-        _run(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "--propagation", "private",
-              "sh", "-c", f"hostname {hostname} && mount --bind {hosts} /etc/hosts && {command}"],
-             env=self._env())
+        _run(
+            [
+                "nsenter",
+                f"--net=/run/netns/{ns}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"hostname {hostname} && mount --bind {hosts} /etc/hosts && {command}",
+            ],
+            env=self._env(),
+        )
 
     def _write_conf(self) -> None:
         d = self.dir
         host = socket.gethostname().split(".")[0]
         if self.variant == "netns":
             ctl = "SlurmctldHost=spctl(10.200.0.1)"
-            nodes = ("NodeName=n1 NodeHostname=n1 NodeAddr=10.200.0.11 CPUs=2 RealMemory=2000 State=UNKNOWN\n"
-                     "NodeName=n2 NodeHostname=n2 NodeAddr=10.200.0.12 CPUs=2 RealMemory=2000 State=UNKNOWN")
+            nodes = (
+                "NodeName=n1 NodeHostname=n1 NodeAddr=10.200.0.11 CPUs=2 RealMemory=2000 State=UNKNOWN\n"
+                "NodeName=n2 NodeHostname=n2 NodeAddr=10.200.0.12 CPUs=2 RealMemory=2000 State=UNKNOWN"
+            )
             extra_hosts = "10.200.0.1 spctl\n10.200.0.11 n1\n10.200.0.12 n2\n"
             ports = ""
         else:
             ctl = f"SlurmctldHost={host}(127.0.0.1)"
-            nodes = (f"NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=2000 State=UNKNOWN\n"
-                     f"NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port=17002 CPUs=2 RealMemory=2000 State=UNKNOWN")
+            nodes = (
+                f"NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=2000 State=UNKNOWN\n"
+                f"NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port=17002 CPUs=2 RealMemory=2000 State=UNKNOWN"
+            )
             extra_hosts = "127.0.0.1 n1 n2\n"
             ports = "SlurmctldPort=16817\n"
         (d / "hosts").write_text(Path("/etc/hosts").read_text().rstrip("\n") + "\n" + extra_hosts)

@@ -56,8 +56,7 @@ VARIANTS = {
     "lora-nf4-sharded": ["adapter.method=lora", "model.load_in_4bit=true"],
     "lora-nf4-replicated": ["adapter.method=lora", "model.load_in_4bit=true", "model.base_placement=replicated"],
     "scalora-nf4-sharded": ["adapter.method=scalora", "model.load_in_4bit=true"],
-    "scalora-nf4-replicated": ["adapter.method=scalora", "model.load_in_4bit=true",
-                               "model.base_placement=replicated"],
+    "scalora-nf4-replicated": ["adapter.method=scalora", "model.load_in_4bit=true", "model.base_placement=replicated"],
 }
 MIB = 1024 * 1024
 
@@ -195,8 +194,12 @@ def worker_time(args, info) -> dict:
     comm = {v: measured_step(runs[v], comm_step) for v in ("lora", "scalora") if v in runs}
     peaks = [None] * info.world_size
     dist.all_gather_object(peaks, peak)
-    return {"times": times, "peak_rss_mib": peaks, "comm": comm,
-            "micro_batch": runs[variants[0]].cfg.train.micro_batch_size}
+    return {
+        "times": times,
+        "peak_rss_mib": peaks,
+        "comm": comm,
+        "micro_batch": runs[variants[0]].cfg.train.micro_batch_size,
+    }
 
 
 def worker_alone(args, info) -> dict:
@@ -294,12 +297,21 @@ def worker_main(args) -> None:
 
 def run_job(world: int, worker_args: list[str], out: Path, env: dict[str, str], label: str) -> dict:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
-        str(Path(__file__).resolve()), *worker_args, "--out", str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(world),
+        str(Path(__file__).resolve()),
+        *worker_args,
+        "--out",
+        str(out),
     ]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**env, "OMP_NUM_THREADS": str(threads_for(world))})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": str(threads_for(world))}
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0 or not out.is_file():
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -350,11 +362,18 @@ def main() -> None:
     p.add_argument("--load-num-layers", type=int, default=8, help="loading-memory model")
     p.add_argument("--load-intermediate-size", type=int, default=2816, help="loading-memory model")
     p.add_argument("--skip-load", action="store_true", help="no loading-memory jobs")
-    p.add_argument("--alone-steps", type=int, default=3,
-                   help="steps after warm-up in each per-variant peak-RSS job (the peak is reached by "
-                        "the first optimizer step and refactor)")
-    p.add_argument("--skip-alone", action="store_true",
-                   help="no per-variant peak-RSS jobs (report only the interleaved job's peak)")
+    p.add_argument(
+        "--alone-steps",
+        type=int,
+        default=3,
+        help="steps after warm-up in each per-variant peak-RSS job (the peak is reached by "
+        "the first optimizer step and refactor)",
+    )
+    p.add_argument(
+        "--skip-alone",
+        action="store_true",
+        help="no per-variant peak-RSS jobs (report only the interleaved job's peak)",
+    )
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
     p.add_argument("--seq-len", type=int, default=128)
@@ -401,7 +420,7 @@ def main() -> None:
         f"python {platform.python_version()}  load average at start {os.getloadavg()[0]:.2f}"
         f"\ncommand: {command}"
         f"\njobs: python -m torch.distributed.run --standalone --nproc-per-node W (W = 1 too: FSDP2 "
-        f"everywhere), OMP_NUM_THREADS = {'%d' % args.threads if args.threads else 'max(1, cores // W)'}, "
+        f"everywhere), OMP_NUM_THREADS = {args.threads if args.threads else 'max(1, cores // W)'}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}"
     )
 
@@ -423,51 +442,97 @@ def main() -> None:
         print("building models ...", file=sys.stderr, flush=True)
         h = args.hidden_size
         step_model = make_tiny_model(
-            tmp_path / "step-model", hidden_size=h, num_layers=args.num_layers,
-            num_heads=max(1, h // 64), num_kv_heads=max(1, h // 128),
-            intermediate_size=h * 2, corpus_files=[str(data)],
+            tmp_path / "step-model",
+            hidden_size=h,
+            num_layers=args.num_layers,
+            num_heads=max(1, h // 64),
+            num_kv_heads=max(1, h // 128),
+            intermediate_size=h * 2,
+            corpus_files=[str(data)],
         )
         load_model = None
         if not args.skip_load:
             lh = args.load_hidden_size
             load_model = make_tiny_model(
-                tmp_path / "load-model", hidden_size=lh, num_layers=args.load_num_layers,
-                num_heads=max(1, lh // 64), num_kv_heads=max(1, lh // 128),
-                intermediate_size=args.load_intermediate_size, corpus_files=[str(data)],
+                tmp_path / "load-model",
+                hidden_size=lh,
+                num_layers=args.load_num_layers,
+                num_heads=max(1, lh // 64),
+                num_kv_heads=max(1, lh // 128),
+                intermediate_size=args.load_intermediate_size,
+                corpus_files=[str(data)],
             )
-        common = ["--model-dir", str(step_model), "--data", str(data), "--warmup", str(args.warmup),
-                  "--rank", str(args.rank), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        common = [
+            "--model-dir",
+            str(step_model),
+            "--data",
+            str(data),
+            "--warmup",
+            str(args.warmup),
+            "--rank",
+            str(args.rank),
+            "--batch-size",
+            str(args.batch_size),
+            "--seq-len",
+            str(args.seq_len),
+        ]
         for w in worlds:
             results["time"][w] = run_job(
-                w, ["--worker", "time", "--variants", ",".join(variants), "--steps", str(args.steps), *common],
-                tmp_path / f"time-{w}.json", env, "interleaved step-time job")
+                w,
+                ["--worker", "time", "--variants", ",".join(variants), "--steps", str(args.steps), *common],
+                tmp_path / f"time-{w}.json",
+                env,
+                "interleaved step-time job",
+            )
         if not args.skip_alone:
             for w in worlds:
                 results["alone"][w] = {
-                    v: run_job(w, ["--worker", "alone", "--variant", v, "--steps", str(args.alone_steps), *common],
-                               tmp_path / f"alone-{w}-{v}.json", env, f"peak-RSS job, {v} alone")
+                    v: run_job(
+                        w,
+                        ["--worker", "alone", "--variant", v, "--steps", str(args.alone_steps), *common],
+                        tmp_path / f"alone-{w}-{v}.json",
+                        env,
+                        f"peak-RSS job, {v} alone",
+                    )
                     for v in variants
                 }
         checkpoint_mib = None
         if load_model is not None:
             checkpoint_mib = sum(f.stat().st_size for f in Path(load_model).glob("*.safetensors")) / MIB
-            load_common = ["--model-dir", str(load_model), "--data", str(data), "--steps", "0",
-                           "--warmup", "0", "--rank", str(args.rank), "--batch-size",
-                           str(args.batch_size), "--seq-len", str(args.seq_len)]
+            load_common = [
+                "--model-dir",
+                str(load_model),
+                "--data",
+                str(data),
+                "--steps",
+                "0",
+                "--warmup",
+                "0",
+                "--rank",
+                str(args.rank),
+                "--batch-size",
+                str(args.batch_size),
+                "--seq-len",
+                str(args.seq_len),
+            ]
             for w in worlds:
-                results["load"][w] = run_job(w, ["--worker", "load", *load_common],
-                                             tmp_path / f"load-{w}.json", env, "loading job")
+                results["load"][w] = run_job(
+                    w, ["--worker", "load", *load_common], tmp_path / f"load-{w}.json", env, "loading job"
+                )
     wall = time.perf_counter() - wall_started
 
     console = Console(width=max(Console().width, 160))
     console.print(header, highlight=False)
 
     # 1. step time ------------------------------------------------------------------------------
-    t = Table(title=(
-        f"1. step time: {args.steps} interleaved steps per variant after {args.warmup} warm-up, "
-        f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, global batch "
-        f"{args.batch_size}x{args.seq_len} (micro-batch {args.batch_size}/W), FSDP2 on gloo, rank 0's clock. "
-        f"Ratio: of the medians, and \\[median of the per-round ratios]"))
+    t = Table(
+        title=(
+            f"1. step time: {args.steps} interleaved steps per variant after {args.warmup} warm-up, "
+            f"hidden {args.hidden_size} x {args.num_layers} layers, r={args.rank}, global batch "
+            f"{args.batch_size}x{args.seq_len} (micro-batch {args.batch_size}/W), FSDP2 on gloo, rank 0's clock. "
+            f"Ratio: of the medians, and \\[median of the per-round ratios]"
+        )
+    )
     t.add_column("W", justify="right")
     t.add_column("threads/rank", justify="right")
     for v in variants:
@@ -479,24 +544,40 @@ def main() -> None:
         times = results["time"][w]["times"]
         med = {v: statistics.median(times[v]) for v in variants}
         paired = {v: statistics.median(a / b for a, b in zip(times[v], times[variants[0]])) for v in variants}
-        t.add_row(str(w), str(threads_for(w)), *[f"{med[v] * 1e3:.1f}" for v in variants],
-                  *[f"{med[v] / med[variants[0]]:.3f} \\[{paired[v]:.3f}]" for v in variants[1:]],
-                  f"{results['time'][w]['job_s']:.0f}")
+        t.add_row(
+            str(w),
+            str(threads_for(w)),
+            *[f"{med[v] * 1e3:.1f}" for v in variants],
+            *[f"{med[v] / med[variants[0]]:.3f} \\[{paired[v]:.3f}]" for v in variants[1:]],
+            f"{results['time'][w]['job_s']:.0f}",
+        )
     console.print(t)
 
     # 2a. loading memory ------------------------------------------------------------------------
     if results["load"]:
         any_load = next(iter(results["load"].values()))["ranks"][0]
-        t = Table(title=(
-            f"2a. host memory of loading, setup() with lora: hidden {args.load_hidden_size} x "
-            f"{args.load_num_layers} layers, intermediate {args.load_intermediate_size}; full base "
-            f"weights {any_load['full_base_mib']:.0f} MiB float32 (checkpoint file {checkpoint_mib:.0f} MiB). "
-            "MiB per rank. ru_maxrss: baseline after imports + init, peak after setup(). Sampled every 5 ms "
-            "during setup(): peak growth of anonymous memory and of file-backed pages (the mmapped "
-            "safetensors file), which ru_maxrss adds together"))
-        for col in ("W", "rank", "ru_maxrss baseline", "ru_maxrss after setup()", "increase",
-                    "increase / full", "local param shard", "sampled peak: anon +", "file-backed +",
-                    "setup (s)"):
+        t = Table(
+            title=(
+                f"2a. host memory of loading, setup() with lora: hidden {args.load_hidden_size} x "
+                f"{args.load_num_layers} layers, intermediate {args.load_intermediate_size}; full base "
+                f"weights {any_load['full_base_mib']:.0f} MiB float32 (checkpoint file {checkpoint_mib:.0f} MiB). "
+                "MiB per rank. ru_maxrss: baseline after imports + init, peak after setup(). Sampled every 5 ms "
+                "during setup(): peak growth of anonymous memory and of file-backed pages (the mmapped "
+                "safetensors file), which ru_maxrss adds together"
+            )
+        )
+        for col in (
+            "W",
+            "rank",
+            "ru_maxrss baseline",
+            "ru_maxrss after setup()",
+            "increase",
+            "increase / full",
+            "local param shard",
+            "sampled peak: anon +",
+            "file-backed +",
+            "setup (s)",
+        ):
             t.add_column(col, justify="right")
         for w in worlds:
             for r, d in enumerate(results["load"][w]["ranks"]):
@@ -505,20 +586,32 @@ def main() -> None:
                 anon = peak["RssAnon"] - base_now.get("RssAnon", 0)
                 file = peak["RssFile"] - base_now.get("RssFile", 0)
                 t.add_row(
-                    str(w), str(r), f"{d['baseline_peak']:.0f}", f"{d['after_peak']:.0f}", f"{inc:.0f}",
-                    f"{inc / d['full_base_mib']:.2f}", f"{d['local_param_mib']:.0f}",
+                    str(w),
+                    str(r),
+                    f"{d['baseline_peak']:.0f}",
+                    f"{d['after_peak']:.0f}",
+                    f"{inc:.0f}",
+                    f"{inc / d['full_base_mib']:.2f}",
+                    f"{d['local_param_mib']:.0f}",
                     f"{anon:.0f} ({anon / d['full_base_mib']:.2f} x full)",
-                    f"{file:.0f}", f"{d['setup_s']:.1f}",
+                    f"{file:.0f}",
+                    f"{d['setup_s']:.1f}",
                 )
             t.add_section()
         console.print(t)
 
     # 2b. peak memory after the steps -----------------------------------------------------------
-    t = Table(title=(
-        "2b. peak host memory per rank (ru_maxrss, MiB, max / min over ranks), step-time model"
-        + ("" if args.skip_alone else
-           f"; 'alone': each variant in its own job, {args.warmup}+{args.alone_steps} steps")
-        + f"; interleaved: the step-time job, {args.warmup}+{args.steps}+1 steps of each variant"))
+    t = Table(
+        title=(
+            "2b. peak host memory per rank (ru_maxrss, MiB, max / min over ranks), step-time model"
+            + (
+                ""
+                if args.skip_alone
+                else f"; 'alone': each variant in its own job, {args.warmup}+{args.alone_steps} steps"
+            )
+            + f"; interleaved: the step-time job, {args.warmup}+{args.steps}+1 steps of each variant"
+        )
+    )
     t.add_column("W", justify="right")
     if not args.skip_alone:
         for v in variants:
@@ -535,13 +628,25 @@ def main() -> None:
     console.print(t)
 
     # 3. communication --------------------------------------------------------------------------
-    t = Table(title=(
-        "3. communication in one training step on rank 0, recorded at the dispatcher (count x bytes; bytes = "
-        "each collective's full buffer: an all-gather's output, a reduce-scatter's input, not bytes on the "
-        "wire), step-time model. c10d ops as CollectiveRecorder counts them; DTensor's own collectives "
-        "(grad-norm) in their own column"))
-    for col in ("W", "scope", "all-gathers", "reduce-scatters", "all-reduces", "DTensor (funcol)", "total",
-                "expected L x 2 x (2r)^2 x 8", "refactor / FSDP2"):
+    t = Table(
+        title=(
+            "3. communication in one training step on rank 0, recorded at the dispatcher (count x bytes; bytes = "
+            "each collective's full buffer: an all-gather's output, a reduce-scatter's input, not bytes on the "
+            "wire), step-time model. c10d ops as CollectiveRecorder counts them; DTensor's own collectives "
+            "(grad-norm) in their own column"
+        )
+    )
+    for col in (
+        "W",
+        "scope",
+        "all-gathers",
+        "reduce-scatters",
+        "all-reduces",
+        "DTensor (funcol)",
+        "total",
+        "expected L x 2 x (2r)^2 x 8",
+        "refactor / FSDP2",
+    ):
         t.add_column(col, justify="right")
 
     def cell(summary: dict, k: str) -> str:
@@ -557,8 +662,10 @@ def main() -> None:
         for v in ("lora", "scalora"):
             if v in comm:
                 s = summarise(comm[v]["step"])
-                fsdp[v] = (sum(s.get(k, (0, 0))[0] for k in ("all-gather", "reduce-scatter")),
-                           sum(s.get(k, (0, 0))[1] for k in ("all-gather", "reduce-scatter")))
+                fsdp[v] = (
+                    sum(s.get(k, (0, 0))[0] for k in ("all-gather", "reduce-scatter")),
+                    sum(s.get(k, (0, 0))[1] for k in ("all-gather", "reduce-scatter")),
+                )
         if "scalora" in comm:
             c = comm["scalora"]
             L, r = c["layers"], c["lora_rank"]
@@ -569,16 +676,31 @@ def main() -> None:
             ok = n_ref == 1 and b_ref == expected == rep.get("reduced_bytes") and not rep.get("gathered_bytes")
             fsdp_n, fsdp_b = fsdp["scalora"]
             t.add_row(
-                str(w), "ScaLoRA refactor", cell(ref, "all-gather"), cell(ref, "reduce-scatter"),
-                cell(ref, "all-reduce"), cell(ref, "functional"), total(ref),
+                str(w),
+                "ScaLoRA refactor",
+                cell(ref, "all-gather"),
+                cell(ref, "reduce-scatter"),
+                cell(ref, "all-reduce"),
+                cell(ref, "functional"),
+                total(ref),
                 f"{fmt_bytes(expected)} (L={L}, r={r}) {'matches' if ok else 'DIFFERS'}",
-                f"{n_ref}/{fsdp_n} ops, {b_ref / fsdp_b:.2%} of bytes" if fsdp_b else "no FSDP2 collectives")
+                f"{n_ref}/{fsdp_n} ops, {b_ref / fsdp_b:.2%} of bytes" if fsdp_b else "no FSDP2 collectives",
+            )
         for v in ("lora", "scalora"):
             if v not in comm:
                 continue
             s = summarise(comm[v]["step"])
-            t.add_row(str(w), f"whole {v} step", cell(s, "all-gather"), cell(s, "reduce-scatter"),
-                      cell(s, "all-reduce"), cell(s, "functional"), total(s), "", "")
+            t.add_row(
+                str(w),
+                f"whole {v} step",
+                cell(s, "all-gather"),
+                cell(s, "reduce-scatter"),
+                cell(s, "all-reduce"),
+                cell(s, "functional"),
+                total(s),
+                "",
+                "",
+            )
         t.add_section()
     console.print(t)
     console.print(f"wall time {wall:.0f} s", highlight=False)

@@ -43,9 +43,9 @@ MIB = 2**20
 
 def measure(mode: str, hidden: int, vocab: int, tokens: int, dtype: str, chunk_tokens: int) -> dict:
     import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
 
     from scalora_dist.model.chunked_loss import chunked_causal_lm_loss
-    from transformers.loss.loss_utils import ForCausalLMLoss
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -95,13 +95,28 @@ def measure_model(mode: str, model_dir: str, tokens: int, dtype: str, chunk_toke
 
     data = Path(__file__).resolve().parents[2] / "configs/data/quickstart_train.jsonl"
     out = tempfile.mkdtemp(prefix="bench-loss-")
-    cfg = load_config(None, [
-        f"model.path={model_dir}", f"model.dtype={dtype}", "model.attn_implementation=sdpa",
-        f"model.chunked_loss={mode == 'chunked'}", f"model.loss_chunk_tokens={chunk_tokens}",
-        f"data.train_files=[{data}]", "data.format=text", "data.packing=true", f"data.max_length={tokens}",
-        "train.micro_batch_size=1", "train.max_steps=2", "train.lr=1e-4", "adapter.method=lora",
-        "adapter.rank=16", "adapter.alpha=32", "adapter.target_modules=all-linear", f"output.dir={out}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"model.dtype={dtype}",
+            "model.attn_implementation=sdpa",
+            f"model.chunked_loss={mode == 'chunked'}",
+            f"model.loss_chunk_tokens={chunk_tokens}",
+            f"data.train_files=[{data}]",
+            "data.format=text",
+            "data.packing=true",
+            f"data.max_length={tokens}",
+            "train.micro_batch_size=1",
+            "train.max_steps=2",
+            "train.lr=1e-4",
+            "adapter.method=lora",
+            "adapter.rank=16",
+            "adapter.alpha=32",
+            "adapter.target_modules=all-linear",
+            f"output.dir={out}",
+        ],
+    )
     run = setup(cfg)
     steps = []
     for step in range(2):
@@ -109,8 +124,14 @@ def measure_model(mode: str, model_dir: str, tokens: int, dtype: str, chunk_toke
         before = resident_bytes()
         started = time.perf_counter()
         result = train_step(run, step)
-        steps.append({"peak_bytes": peak_rss_mib() * MIB - before, "seconds": time.perf_counter() - started,
-                      "loss": result.loss, "tokens": result.tokens})
+        steps.append(
+            {
+                "peak_bytes": peak_rss_mib() * MIB - before,
+                "seconds": time.perf_counter() - started,
+                "loss": result.loss,
+                "tokens": result.tokens,
+            }
+        )
     vocab, hidden = run.model.get_output_embeddings().weight.shape
     return {"mode": mode, "steps": steps, "vocab": vocab, "hidden": hidden, "model_class": type(run.model).__name__}
 
@@ -126,8 +147,22 @@ def planned_saving(vocab: int, hidden: int, tokens: int) -> float:
 
 
 def run_mode(args, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--_one", mode, "--hidden", str(args.hidden), "--vocab", str(args.vocab),
-           "--tokens", str(args.tokens[0]), "--dtype", args.dtype, "--chunk-tokens", str(args.chunk_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_one",
+        mode,
+        "--hidden",
+        str(args.hidden),
+        "--vocab",
+        str(args.vocab),
+        "--tokens",
+        str(args.tokens[0]),
+        "--dtype",
+        args.dtype,
+        "--chunk-tokens",
+        str(args.chunk_tokens),
+    ]
     if args.model:
         cmd += ["--model", str(args.model)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -142,8 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=262144)
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048], help="with --model, several lengths")
     ap.add_argument("--model", type=Path, help="a real checkpoint: measure whole training steps (see above)")
-    ap.add_argument("--out", type=Path, default=Path("tools/benchmarks/results/bench_loss_model.md"),
-                    help="with --model: where the table goes (and its .json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tools/benchmarks/results/bench_loss_model.md"),
+        help="with --model: where the table goes (and its .json)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--chunk-tokens", type=int, default=0, help="0: the default (128 MiB of float32 logits)")
     ap.add_argument("--_one", help=argparse.SUPPRESS)
@@ -183,25 +222,32 @@ def write_model_report(args, rows: list[dict], wall: float) -> None:
     vocab, cls = rows[0]["plain"]["vocab"], rows[0]["plain"]["model_class"]
     lines = [
         f"# Loss head on a real checkpoint: {args.model.name} ({cls}, vocabulary {vocab:,}), {args.dtype}",
-        "", f"`python tools/benchmarks/bench_loss.py --model {args.model} --tokens {' '.join(map(str, args.tokens))} "
+        "",
+        f"`python tools/benchmarks/bench_loss.py --model {args.model} --tokens {' '.join(map(str, args.tokens))} "
         f"--dtype {args.dtype}` ({wall / 60:.1f} min). One training step of LoRA r 16 on all "
         "linear layers, micro-batch 1 x tokens; peak = growth of the resident set over the step, first step / second "
         "step (the first step's baseline can hold pages the step gives back, such as the mapped checkpoint file, so "
         "the second is the figure); saved = the second steps' difference; the plan = what tools/generators/memory_plan.py "
         "counts for it (bf16 logits).",
-        "", "| tokens | plain peak MiB | chunked peak MiB | saved MiB | saved bytes per token x vocab entry | "
+        "",
+        "| tokens | plain peak MiB | chunked peak MiB | saved MiB | saved bytes per token x vocab entry | "
         "the plan's | plain s/step | chunked s/step | plain loss | chunked loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p, c = r["plain"]["steps"], r["chunked"]["steps"]
         saved, entries = p[1]["peak_bytes"] - c[1]["peak_bytes"], r["tokens"] * vocab
-        planned = f"{planned_saving(vocab, r['plain']['hidden'], r['tokens']) / entries:.2f}" if args.dtype == "bfloat16" else "-"
+        planned = (
+            f"{planned_saving(vocab, r['plain']['hidden'], r['tokens']) / entries:.2f}"
+            if args.dtype == "bfloat16"
+            else "-"
+        )
         lines.append(
             f"| {r['tokens']} | {p[0]['peak_bytes'] / MIB:.0f} / {p[1]['peak_bytes'] / MIB:.0f} | "
             f"{c[0]['peak_bytes'] / MIB:.0f} / {c[1]['peak_bytes'] / MIB:.0f} | {saved / MIB:.0f} | "
             f"{saved / entries:.2f} | {planned} | {p[1]['seconds']:.1f} | {c[1]['seconds']:.1f} | "
-            f"{p[0]['loss']:.6f} | {c[0]['loss']:.6f} |")
+            f"{p[0]['loss']:.6f} | {c[0]['loss']:.6f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

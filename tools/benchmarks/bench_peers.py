@@ -52,13 +52,27 @@ def contenders(nproc: int, chosen: tuple[str, ...] = CONTENDERS) -> list[str]:
 
 def config_overrides(args: argparse.Namespace, model: Path, train_file: Path, out_dir: Path) -> list[str]:
     return [
-        f"model.path={model}", "model.dtype=float32", "model.attn_implementation=sdpa",
-        f"data.train_files=[{train_file}]", f"data.format={args.format}", f"data.max_length={args.max_length}",
-        "data.packing=true", f"train.micro_batch_size={args.batch_size}", f"train.max_steps={args.warmup + args.steps}",
-        f"train.lr={args.lr}", "train.lr_scheduler=cosine", f"train.warmup_steps={args.warmup}",
-        "train.max_grad_norm=1.0", "train.seed=0", "adapter.method=lora", f"adapter.rank={args.rank}",
-        f"adapter.alpha={2 * args.rank}", "adapter.use_rslora=false", "adapter.dropout=0.0",
-        "adapter.target_modules=all-linear", f"output.dir={out_dir}",
+        f"model.path={model}",
+        "model.dtype=float32",
+        "model.attn_implementation=sdpa",
+        f"data.train_files=[{train_file}]",
+        f"data.format={args.format}",
+        f"data.max_length={args.max_length}",
+        "data.packing=true",
+        f"train.micro_batch_size={args.batch_size}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.lr={args.lr}",
+        "train.lr_scheduler=cosine",
+        f"train.warmup_steps={args.warmup}",
+        "train.max_grad_norm=1.0",
+        "train.seed=0",
+        "adapter.method=lora",
+        f"adapter.rank={args.rank}",
+        f"adapter.alpha={2 * args.rank}",
+        "adapter.use_rslora=false",
+        "adapter.dropout=0.0",
+        "adapter.target_modules=all-linear",
+        f"output.dir={out_dir}",
     ]
 
 
@@ -113,8 +127,14 @@ def _batches(cfg, dist, total: int) -> list[dict]:
 
     tokenizer = load_tokenizer(Path(cfg.model.path))
     loader = BatchLoader(
-        load_split(cfg.data, tokenizer, cfg.data.train_files), cfg.train.micro_batch_size, tokenizer.pad_token_id,
-        seed=cfg.train.seed, shuffle=True, drop_last=True, rank=dist.rank, world_size=dist.world_size,
+        load_split(cfg.data, tokenizer, cfg.data.train_files),
+        cfg.train.micro_batch_size,
+        tokenizer.pad_token_id,
+        seed=cfg.train.seed,
+        shuffle=True,
+        drop_last=True,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     out = []
     for _ in range(total):
@@ -130,10 +150,17 @@ def _peft_model(cfg, model_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
-    return get_peft_model(model, LoraConfig(
-        r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, lora_dropout=0.0, target_modules="all-linear",
-        use_rslora=False, task_type="CAUSAL_LM",
-    ))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.adapter.rank,
+            lora_alpha=cfg.adapter.alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            use_rslora=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def _optimizer_and_schedule(cfg, model):
@@ -142,11 +169,15 @@ def _optimizer_and_schedule(cfg, model):
     from transformers import get_scheduler
 
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-        eps=cfg.train.adam_eps, weight_decay=0.0,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        betas=tuple(cfg.train.adam_betas),
+        eps=cfg.train.adam_eps,
+        weight_decay=0.0,
     )
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=cfg.train.max_steps)
+    scheduler = get_scheduler(
+        "cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
+    )
     return optimizer, scheduler
 
 
@@ -202,10 +233,19 @@ def _peft_trainer(cfg, model, batches, dist) -> tuple[list[float], list[float]]:
         trainer = ReadyBatches(
             model=model,
             args=TrainingArguments(
-                output_dir=tmp, max_steps=len(batches), per_device_train_batch_size=cfg.train.micro_batch_size,
-                max_grad_norm=cfg.train.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
-                use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-                ddp_backend="gloo" if dist.distributed else None, seed=cfg.train.seed,
+                output_dir=tmp,
+                max_steps=len(batches),
+                per_device_train_batch_size=cfg.train.micro_batch_size,
+                max_grad_norm=cfg.train.max_grad_norm,
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                dataloader_num_workers=0,
+                remove_unused_columns=False,
+                disable_tqdm=True,
+                ddp_backend="gloo" if dist.distributed else None,
+                seed=cfg.train.seed,
             ),
             optimizers=(optimizer, scheduler),
             callbacks=[StepClock()],
@@ -221,8 +261,18 @@ def _peft_trainer(cfg, model, batches, dist) -> tuple[list[float], list[float]]:
 
 def launch(args: argparse.Namespace, contender: str, nproc: int, out: Path) -> dict:
     """Run one contender on `nproc` processes in fresh processes; returns its figures."""
-    script = [str(Path(__file__).resolve()), "--worker", contender, "--model", str(args.model),
-              "--train-file", str(args.train_file), "--out", str(out), *_shared_argv(args)]
+    script = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        contender,
+        "--model",
+        str(args.model),
+        "--train-file",
+        str(args.train_file),
+        "--out",
+        str(out),
+        *_shared_argv(args),
+    ]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
@@ -247,8 +297,10 @@ def launch(args: argparse.Namespace, contender: str, nproc: int, out: Path) -> d
 
 
 def _shared_argv(args: argparse.Namespace) -> list[str]:
-    return [f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("steps", "warmup", "batch_size", "max_length", "rank", "lr", "format")]
+    return [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("steps", "warmup", "batch_size", "max_length", "rank", "lr", "format")
+    ]
 
 
 def prepare(args: argparse.Namespace, work: Path) -> None:
@@ -310,8 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny Llama and the quickstart text: the code paths only")
     p.add_argument("--out", type=Path, help="results folder (default: tools/benchmarks/results)")
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"comma-separated, from {', '.join(CONTENDERS)}; both peers are always run")
+    p.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated, from {', '.join(CONTENDERS)}; both peers are always run",
+    )
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = tuple(c.strip() for c in args.contenders.split(",") if c.strip())

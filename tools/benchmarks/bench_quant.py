@@ -33,10 +33,18 @@ from scalora_dist.model.quant import nf4_weight_bytes
 from scalora_dist.scalora.scaling import accumulate_low_rank
 
 # Gemma-3-12B text stack: hidden 3840, 48 layers, 16 query heads x 256, 8 KV heads x 256.
-GEMMA3_12B = {"layers": 48, "shapes": {
-    "q_proj": (4096, 3840), "k_proj": (2048, 3840), "v_proj": (2048, 3840), "o_proj": (3840, 4096),
-    "gate_proj": (15360, 3840), "up_proj": (15360, 3840), "down_proj": (3840, 15360),
-}}
+GEMMA3_12B = {
+    "layers": 48,
+    "shapes": {
+        "q_proj": (4096, 3840),
+        "k_proj": (2048, 3840),
+        "v_proj": (2048, 3840),
+        "o_proj": (3840, 4096),
+        "gate_proj": (15360, 3840),
+        "up_proj": (15360, 3840),
+        "down_proj": (3840, 15360),
+    },
+}
 
 
 def quantize(w: torch.Tensor, quant_type: str = "nf4"):
@@ -87,8 +95,9 @@ def fidelity(w0: torch.Tensor, steps, ranks: list[int]) -> dict[str, float]:
     return out
 
 
-def random_fidelity(m: int, n: int, r: int, steps: int, ranks: list[int], rel_size: float,
-                    seed: int = 0) -> dict[str, float]:
+def random_fidelity(
+    m: int, n: int, r: int, steps: int, ranks: list[int], rel_size: float, seed: int = 0
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed + 1)
     w0 = torch.randn(m, n, generator=g) * 0.02
     norm = w0.norm().item()
@@ -110,13 +119,21 @@ def real_increments(steps: int, rank: int, layer: str, hidden: int = 256, seed: 
     quiet_libraries()
     repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "m", hidden_size=hidden, num_layers=4,
-                                    intermediate_size=2 * hidden, seed=seed)
-        cfg = load_config(repo / "configs/quickstart.yaml", [
-            f"model.path={model_dir}", f"adapter.rank={rank}", f"adapter.alpha={2 * rank}",
-            f"train.max_steps={steps + 10}", "data.eval_files=[]", "train.eval_every=0",
-            f"output.dir={tmp}/out",
-        ])
+        model_dir = make_tiny_model(
+            Path(tmp) / "m", hidden_size=hidden, num_layers=4, intermediate_size=2 * hidden, seed=seed
+        )
+        cfg = load_config(
+            repo / "configs/quickstart.yaml",
+            [
+                f"model.path={model_dir}",
+                f"adapter.rank={rank}",
+                f"adapter.alpha={2 * rank}",
+                f"train.max_steps={steps + 10}",
+                "data.eval_files=[]",
+                "train.eval_every=0",
+                f"output.dir={tmp}/out",
+            ],
+        )
         run = setup(cfg)
         target = lora_layers(run.model)[layer]
         out, previous = [], None
@@ -149,11 +166,13 @@ def main() -> None:
     p.add_argument("--skip-real", action="store_true", help="only the synthetic increments")
     args = p.parse_args()
     console = Console()
-    console.print(f"{datetime.date.today()}  {platform.machine()} {platform.processor() or ''} "
-                  f"torch {torch.__version__}  command: python tools/benchmarks/bench_quant.py "
-                  f"--size {args.size} --rank {args.rank} --steps {' '.join(map(str, args.steps))} "
-                  f"--acc-ranks {' '.join(map(str, args.acc_ranks))} --rel-size {args.rel_size}"
-                  + (" --skip-real" if args.skip_real else ""))
+    console.print(
+        f"{datetime.date.today()}  {platform.machine()} {platform.processor() or ''} "
+        f"torch {torch.__version__}  command: python tools/benchmarks/bench_quant.py "
+        f"--size {args.size} --rank {args.rank} --steps {' '.join(map(str, args.steps))} "
+        f"--acc-ranks {' '.join(map(str, args.acc_ranks))} --rel-size {args.rel_size}"
+        + (" --skip-real" if args.skip_real else "")
+    )
 
     table = Table(title="merge fidelity: fraction of the accumulated update kept by a 4-bit (NF4) base")
     table.add_column("increments")
@@ -163,32 +182,48 @@ def main() -> None:
         table.add_column(d, justify="right")
     for T in args.steps:
         res = random_fidelity(args.size, args.size, args.rank, T, args.acc_ranks, args.rel_size)
-        table.add_row(f"random directions, {args.size}x{args.size}, r={args.rank}, "
-                      f"{args.rel_size:g}·‖W‖ each (worst case)", str(T), *[f"{res[d]:.3f}" for d in designs])
+        table.add_row(
+            f"random directions, {args.size}x{args.size}, r={args.rank}, {args.rel_size:g}·‖W‖ each (worst case)",
+            str(T),
+            *[f"{res[d]:.3f}" for d in designs],
+        )
     if not args.skip_real:
         w0, incs = real_increments(max(args.steps), args.rank, args.layer)
         for T in args.steps:
             res = fidelity(w0, incs[:T], args.acc_ranks)
-            table.add_row(f"a real ScaLoRA run (quickstart model, {args.layer}, "
-                          f"{w0.shape[0]}x{w0.shape[1]}, r={args.rank})", str(T), *[f"{res[d]:.3f}" for d in designs])
+            table.add_row(
+                f"a real ScaLoRA run (quickstart model, {args.layer}, {w0.shape[0]}x{w0.shape[1]}, r={args.rank})",
+                str(T),
+                *[f"{res[d]:.3f}" for d in designs],
+            )
     console.print(table)
 
     mem = Table(title="memory per layer (MiB): computed from shapes; measured on real tensors in ()")
-    for col in ("layer (out x in)", "fp32 base", "bf16 base", "NF4 base (double quant)",
-                *[f"accumulator R={R} (fp32)" for R in args.acc_ranks]):
+    for col in (
+        "layer (out x in)",
+        "fp32 base",
+        "bf16 base",
+        "NF4 base (double quant)",
+        *[f"accumulator R={R} (fp32)" for R in args.acc_ranks],
+    ):
         mem.add_column(col, justify="right")
-    mib = 1024 ** 2
+    mib = 1024**2
     for m, n in [(args.size, args.size), (4096, 3840), (15360, 3840)]:
         acc = [f"{(m + n) * R * 4 / mib:.2f}" for R in args.acc_ranks]
         measured = f" ({measured_nf4_bytes(m, n) / mib:.2f})" if m * n <= 4096 * 4096 else ""
-        mem.add_row(f"{m} x {n}", f"{m * n * 4 / mib:.1f}", f"{m * n * 2 / mib:.1f}",
-                    f"{nf4_weight_bytes(m, n) / mib:.2f}{measured}", *acc)
+        mem.add_row(
+            f"{m} x {n}",
+            f"{m * n * 4 / mib:.1f}",
+            f"{m * n * 2 / mib:.1f}",
+            f"{nf4_weight_bytes(m, n) / mib:.2f}{measured}",
+            *acc,
+        )
     console.print(mem)
 
     total = Table(title="Gemma-3-12B-shaped decoder linears (48 layers x 7 projections), GiB")
     for col in ("bf16 base", "NF4 base", *[f"+ accumulator R={R}" for R in args.acc_ranks]):
         total.add_column(col, justify="right")
-    gib = 1024 ** 3
+    gib = 1024**3
     shapes = list(GEMMA3_12B["shapes"].values())
     L = GEMMA3_12B["layers"]
     bf16 = L * sum(m * n * 2 for m, n in shapes) / gib

@@ -34,16 +34,32 @@ def measure(adapted: int, args: argparse.Namespace, work: Path) -> dict[str, flo
     if adapted % 7:
         raise SystemExit(f"--layers: {adapted} is not a multiple of 7 (adapted projections per block)")
     model_dir = make_tiny_model(
-        work / f"model-{adapted}", hidden_size=args.hidden_size, num_layers=adapted // 7,
-        num_heads=max(1, args.hidden_size // 32), num_kv_heads=max(1, args.hidden_size // 64),
+        work / f"model-{adapted}",
+        hidden_size=args.hidden_size,
+        num_layers=adapted // 7,
+        num_heads=max(1, args.hidden_size // 32),
+        num_kv_heads=max(1, args.hidden_size // 64),
         intermediate_size=2 * args.hidden_size,
     )
-    run = setup(load_config(None, [
-        f"model.path={model_dir}", f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
-        "data.max_length=64", "data.packing=true", "adapter.method=scalora", f"adapter.rank={args.rank}",
-        f"adapter.alpha={2 * args.rank}", "adapter.scalora.warmup_steps=0", "train.micro_batch_size=2",
-        "train.max_steps=1000", "train.lr=1e-3", f"output.dir={work / 'out'}",
-    ]))
+    run = setup(
+        load_config(
+            None,
+            [
+                f"model.path={model_dir}",
+                f"data.train_files=[{REPO / 'configs/data/quickstart_train.jsonl'}]",
+                "data.max_length=64",
+                "data.packing=true",
+                "adapter.method=scalora",
+                f"adapter.rank={args.rank}",
+                f"adapter.alpha={2 * args.rank}",
+                "adapter.scalora.warmup_steps=0",
+                "train.micro_batch_size=2",
+                "train.max_steps=1000",
+                "train.lr=1e-3",
+                f"output.dir={work / 'out'}",
+            ],
+        )
+    )
     for step in range(2):  # kappa resolved, every layer has moments
         train_step(run, step)
     refactor_s, step_s = [], []
@@ -59,8 +75,13 @@ def measure(adapted: int, args: argparse.Namespace, work: Path) -> dict[str, flo
         step_s.append(time.perf_counter() - started)
     assert report.column + report.scalar + report.skipped == adapted, report
     refactor, step = statistics.median(refactor_s), statistics.median(step_s)
-    return {"adapted": adapted, "refactor_ms": 1e3 * refactor, "per_layer_us": 1e6 * refactor / adapted,
-            "step_ms": 1e3 * step, "share": refactor / step}
+    return {
+        "adapted": adapted,
+        "refactor_ms": 1e3 * refactor,
+        "per_layer_us": 1e6 * refactor / adapted,
+        "step_ms": 1e3 * step,
+        "share": refactor / step,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,13 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(int(n), args, Path(tmp)) for n in args.layers.split(",")]
-    print(f"ScaLoRA refactor vs adapted layers (hidden {args.hidden_size}, r {args.rank}, "
-          f"median of {args.repeats}; `python tools/benchmarks/bench_refactor.py {' '.join(sys.argv[1:])}`)\n")
+    print(
+        f"ScaLoRA refactor vs adapted layers (hidden {args.hidden_size}, r {args.rank}, "
+        f"median of {args.repeats}; `python tools/benchmarks/bench_refactor.py {' '.join(sys.argv[1:])}`)\n"
+    )
     print("| adapted layers | refactor (ms) | per layer (µs) | whole step (ms) | refactor's share of the step |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['adapted']} | {r['refactor_ms']:.1f} | {r['per_layer_us']:.0f} | {r['step_ms']:.1f} | "
-              f"{100 * r['share']:.0f}% |")
+        print(
+            f"| {r['adapted']} | {r['refactor_ms']:.1f} | {r['per_layer_us']:.0f} | {r['step_ms']:.1f} | "
+            f"{100 * r['share']:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

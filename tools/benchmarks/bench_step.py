@@ -143,7 +143,9 @@ def measure_alone(variant: str, argv: list[str]) -> dict[str, float]:
     """Peak RSS and training-state size of `variant` run alone in a fresh process."""
     out = subprocess.run(
         [sys.executable, __file__, *argv, "--only", variant],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -176,9 +178,13 @@ def main() -> None:
         data = tmp_path / "bench.jsonl"
         write_data(data)
         model_dir = args.model_dir or make_tiny_model(
-            tmp_path / "model", hidden_size=args.hidden_size, num_layers=args.num_layers,
-            num_heads=max(1, args.hidden_size // 64), num_kv_heads=max(1, args.hidden_size // 128),
-            intermediate_size=args.hidden_size * 2, corpus_files=[str(data)],
+            tmp_path / "model",
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=max(1, args.hidden_size // 64),
+            num_kv_heads=max(1, args.hidden_size // 128),
+            intermediate_size=args.hidden_size * 2,
+            corpus_files=[str(data)],
         )
         if args.only:
             from scalora_dist.train import train_step
@@ -200,14 +206,23 @@ def main() -> None:
         alone = {v: measure_alone(v, passthrough) for v in variants}
 
     base = statistics.median(times[variants[0]])
-    table = Table(title=f"step time, {args.steps} interleaved steps per variant, "
-                  + (f"{args.model_dir.name}, " if args.model_dir else
-                     f"hidden {args.hidden_size} x {args.num_layers} layers, ")
-                  + f"r={args.rank}, "
-                  f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads")
+    table = Table(
+        title=f"step time, {args.steps} interleaved steps per variant, "
+        + (f"{args.model_dir.name}, " if args.model_dir else f"hidden {args.hidden_size} x {args.num_layers} layers, ")
+        + f"r={args.rank}, "
+        f"batch {args.batch_size}x{args.seq_len}, {torch.get_num_threads()} threads"
+    )
     peak = peak_tflops(args.peak_tflops)
-    columns = ("variant", "median step (ms)", f"ratio to {variants[0]}", "tokens/s", "TFLOP/s",
-               "MFU", "weights + optimizer (MiB)", "peak RSS alone (MiB)")
+    columns = (
+        "variant",
+        "median step (ms)",
+        f"ratio to {variants[0]}",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU",
+        "weights + optimizer (MiB)",
+        "peak RSS alone (MiB)",
+    )
     for col in columns:
         table.add_column(col, justify="right")
     tokens = args.batch_size * args.seq_len  # packed sequences: no padding
@@ -215,8 +230,16 @@ def main() -> None:
         med = statistics.median(times[v])
         achieved = flops[v] / med / 1e12
         mfu = f"{100 * achieved / peak:.3g}%" if peak else "–"
-        table.add_row(v, f"{med * 1e3:.1f}", f"{med / base:.3f}", f"{tokens / med:.0f}", f"{achieved:.4g}",
-                      mfu, f"{alone[v]['state_mib']:.1f}", f"{alone[v]['peak_rss_mib']:.0f}")
+        table.add_row(
+            v,
+            f"{med * 1e3:.1f}",
+            f"{med / base:.3f}",
+            f"{tokens / med:.0f}",
+            f"{achieved:.4g}",
+            mfu,
+            f"{alone[v]['state_mib']:.1f}",
+            f"{alone[v]['peak_rss_mib']:.0f}",
+        )
     Console().print(table)
 
 

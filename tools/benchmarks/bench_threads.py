@@ -38,10 +38,25 @@ def run(model: Path, out: Path, steps: int, threads: str | None) -> tuple[float,
     if threads is not None:
         env["OMP_NUM_THREADS"] = threads
     proc = subprocess.run(
-        [sys.executable, "-m", "scalora_dist.cli", "train", "configs/quickstart.yaml", f"model.path={model}",
-         f"output.dir={out}", f"train.max_steps={steps}", "train.eval_every=0", "data.eval_files=[]",
-         "train.log_every=1", "--overwrite"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=3600,
+        [
+            sys.executable,
+            "-m",
+            "scalora_dist.cli",
+            "train",
+            "configs/quickstart.yaml",
+            f"model.path={model}",
+            f"output.dir={out}",
+            f"train.max_steps={steps}",
+            "train.eval_every=0",
+            "data.eval_files=[]",
+            "train.log_every=1",
+            "--overwrite",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
     )
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])

@@ -81,8 +81,14 @@ def tiny_llama(ctx: Context) -> Path:
     path = ctx.work / "tiny-llama"
     if not path.is_dir():
         width = 64 if ctx.tiny else 256
-        make_tiny_model(path, hidden_size=width, num_layers=2 if ctx.tiny else 4, num_heads=max(2, width // 64),
-                        num_kv_heads=max(1, width // 128), intermediate_size=2 * width)
+        make_tiny_model(
+            path,
+            hidden_size=width,
+            num_layers=2 if ctx.tiny else 4,
+            num_heads=max(2, width // 64),
+            num_kv_heads=max(1, width // 128),
+            intermediate_size=2 * width,
+        )
     return path
 
 
@@ -106,22 +112,53 @@ def llama_8b_shape(ctx: Context, layers: int):
     from transformers import LlamaConfig
 
     if ctx.tiny:
-        return LlamaConfig(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2,
-                           num_hidden_layers=layers, vocab_size=1024, max_position_embeddings=4096)
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=224,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_hidden_layers=layers,
+            vocab_size=1024,
+            max_position_embeddings=4096,
+        )
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=layers,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
 
 
 def gemma3_12b_shape(ctx: Context, layers: int):
     from transformers import Gemma3TextConfig
 
     if ctx.tiny:
-        return Gemma3TextConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=16, num_hidden_layers=layers, vocab_size=2048, sliding_window=32,
-                                max_position_embeddings=4096)
-    return Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
-                            head_dim=256, num_hidden_layers=layers, vocab_size=262144, sliding_window=1024,
-                            max_position_embeddings=8192)
+        return Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_hidden_layers=layers,
+            vocab_size=2048,
+            sliding_window=32,
+            max_position_embeddings=4096,
+        )
+    return Gemma3TextConfig(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        num_hidden_layers=layers,
+        vocab_size=262144,
+        sliding_window=1024,
+        max_position_embeddings=8192,
+    )
 
 
 def data_file(ctx: Context) -> Path:
@@ -129,10 +166,21 @@ def data_file(ctx: Context) -> Path:
 
 
 def base_overrides(model: Path, ctx: Context, *extra: str) -> list[str]:
-    return [f"model.path={model}", f"data.train_files=[{data_file(ctx)}]", "data.max_length=64",
-            "data.packing=true", "adapter.rank=4", "adapter.alpha=8", "adapter.use_rslora=true",
-            "adapter.scalora.warmup_steps=2", "train.max_steps=8", "train.micro_batch_size=4", "train.lr=1e-2",
-            f"output.dir={ctx.work / 'run'}", *extra]
+    return [
+        f"model.path={model}",
+        f"data.train_files=[{data_file(ctx)}]",
+        "data.max_length=64",
+        "data.packing=true",
+        "adapter.rank=4",
+        "adapter.alpha=8",
+        "adapter.use_rslora=true",
+        "adapter.scalora.warmup_steps=2",
+        "train.max_steps=8",
+        "train.micro_batch_size=4",
+        "train.lr=1e-2",
+        f"output.dir={ctx.work / 'run'}",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,9 +267,14 @@ def check_exactness(ctx: Context) -> dict:
         update_err = max(update_err, ((bf16["weights"][name] - w).norm() / (w - w0).norm()).item())
     worst = max(bf16["ratios"])
     ok = bf16["distributed"] and worst <= ROUND_OFF_FACTOR and update_err <= 0.25
-    return {"passed": ok, "refactors": len(bf16["ratios"]), "worst_change_in_u32_bounds": worst,
-            "bf16_vs_fp32_update_rel_err": update_err, "fsdp2": bf16["distributed"],
-            "limits": f"change <= {ROUND_OFF_FACTOR} bounds; update within 25% (bf16 compute over 8 steps)"}
+    return {
+        "passed": ok,
+        "refactors": len(bf16["ratios"]),
+        "worst_change_in_u32_bounds": worst,
+        "bf16_vs_fp32_update_rel_err": update_err,
+        "fsdp2": bf16["distributed"],
+        "limits": f"change <= {ROUND_OFF_FACTOR} bounds; update within 25% (bf16 compute over 8 steps)",
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,8 +287,17 @@ def _quant_model(ctx: Context, quant_type: str, mesh=None):
     from scalora_dist.config import load_config
     from scalora_dist.model.build import build_model
 
-    cfg = load_config(None, base_overrides(tiny_llama(ctx), ctx, "model.dtype=bfloat16", "model.load_in_4bit=true",
-                                           f"model.quant_type={quant_type}", "adapter.method=lora"))
+    cfg = load_config(
+        None,
+        base_overrides(
+            tiny_llama(ctx),
+            ctx,
+            "model.dtype=bfloat16",
+            "model.load_in_4bit=true",
+            f"model.quant_type={quant_type}",
+            "adapter.method=lora",
+        ),
+    )
     model = build_model(tiny_llama(ctx), cfg.model, cfg.adapter, torch.device(ctx.device), seed=0, mesh=mesh)
     torch.manual_seed(1)
     from scalora_dist.model.lora import lora_layers
@@ -288,16 +350,21 @@ def check_bitsandbytes(ctx: Context) -> dict:
             ref = x.float() @ deq.T + layer.scale * (x.float() @ layer.lora_A.float().T) @ layer.lora_B.float().T
             worst = max(worst, ((y - ref).norm() / ref.norm()).item())
             y.square().sum().backward()
-            grads_ok &= all(p.grad is not None and bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0
-                            for p in (layer.lora_A, layer.lora_B))
+            grads_ok &= all(
+                p.grad is not None and bool(torch.isfinite(p.grad).all()) and p.grad.abs().sum() > 0
+                for p in (layer.lora_A, layer.lora_B)
+            )
         out[qt] = {"worst_layer_rel_err": worst, "adapter_grads": grads_ok}
     result = ctx.work / "fsdp4bit.json"
     _torchrun(ctx, "fsdp4bit", tiny_llama(ctx), result)
     fsdp = json.loads(result.read_text())
     for qt in out:
         out[qt]["fsdp2_logits_rel_err"] = fsdp[qt]
-    out["passed"] = all(v["worst_layer_rel_err"] <= BF16_TOL and v["adapter_grads"] and v["fsdp2_logits_rel_err"]
-                        <= BF16_TOL for v in out.values() if isinstance(v, dict))
+    out["passed"] = all(
+        v["worst_layer_rel_err"] <= BF16_TOL and v["adapter_grads"] and v["fsdp2_logits_rel_err"] <= BF16_TOL
+        for v in out.values()
+        if isinstance(v, dict)
+    )
     return out
 
 
@@ -322,7 +389,9 @@ def check_attention(ctx: Context) -> dict:
     pos = torch.cat([torch.arange(n) for n in lengths])[None].to(ctx.device)
     results = {}
     for impl in impls:
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama(ctx), dtype=dtype, attn_implementation=impl).to(ctx.device)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama(ctx), dtype=dtype, attn_implementation=impl).to(
+            ctx.device
+        )
         out = model(input_ids=ids, position_ids=pos, labels=ids)
         out.loss.backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
@@ -330,12 +399,15 @@ def check_attention(ctx: Context) -> dict:
     ref_logits, ref_grads = results["sdpa"]
     out = {"implementations": impls}
     for impl, (logits, grads) in results.items():
-        out[impl] = {"logits_rel_err": ((logits - ref_logits).norm() / ref_logits.norm()).item(),
-                     "grads_rel_err": ((grads - ref_grads).norm() / ref_grads.norm()).item()}
+        out[impl] = {
+            "logits_rel_err": ((logits - ref_logits).norm() / ref_logits.norm()).item(),
+            "grads_rel_err": ((grads - ref_grads).norm() / ref_grads.norm()).item(),
+        }
     if "flash_attention_2" not in impls:
         out["note"] = "flash-attn not importable here: flash_attention_2 not compared"
-    out["passed"] = all(v["logits_rel_err"] <= tol and v["grads_rel_err"] <= 10 * tol for k, v in out.items()
-                        if isinstance(v, dict))
+    out["passed"] = all(
+        v["logits_rel_err"] <= tol and v["grads_rel_err"] <= 10 * tol for k, v in out.items() if isinstance(v, dict)
+    )
     return out
 
 
@@ -349,8 +421,9 @@ def check_throughput(ctx: Context) -> dict:
     import bench_step
 
     model = shaped_model(ctx, f"llama8b-shape-{ctx.args.llama_layers}", llama_8b_shape(ctx, ctx.args.llama_layers))
-    bench_args = argparse.Namespace(seq_len=ctx.args.seq_len, rank=16, warmup=3, steps=ctx.args.steps,
-                                    batch_size=1, peak_tflops=None)
+    bench_args = argparse.Namespace(
+        seq_len=ctx.args.seq_len, rank=16, warmup=3, steps=ctx.args.steps, batch_size=1, peak_tflops=None
+    )
     data = ctx.work / "bench.jsonl"
     bench_step.write_data(data)
     variants = ["lora", "scalora", "scalora-I10", "full"]
@@ -361,11 +434,18 @@ def check_throughput(ctx: Context) -> dict:
     for v in variants:
         step = statistics.median(times[v])
         achieved = flops[v] / step / 1e12
-        out[v] = {"step_s": step, "ratio_to_lora": step / base, "tokens_per_s": ctx.args.seq_len / step,
-                  "tflops": achieved, "mfu": achieved / peak if peak else None}
-    out["goals"] = {"lora_mfu>=0.5": (out["lora"]["mfu"] or 0) >= 0.5,
-                    "scalora<=1.15x": out["scalora"]["ratio_to_lora"] <= 1.15,
-                    "scalora-I10<=1.03x": out["scalora-I10"]["ratio_to_lora"] <= 1.03}
+        out[v] = {
+            "step_s": step,
+            "ratio_to_lora": step / base,
+            "tokens_per_s": ctx.args.seq_len / step,
+            "tflops": achieved,
+            "mfu": achieved / peak if peak else None,
+        }
+    out["goals"] = {
+        "lora_mfu>=0.5": (out["lora"]["mfu"] or 0) >= 0.5,
+        "scalora<=1.15x": out["scalora"]["ratio_to_lora"] <= 1.15,
+        "scalora-I10<=1.03x": out["scalora-I10"]["ratio_to_lora"] <= 1.03,
+    }
     out["passed"] = all(out["goals"].values()) if peak else None
     return out
 
@@ -404,20 +484,37 @@ def check_memory(ctx: Context) -> dict:
     rows = {}
     for layers in (1, 2):
         model = shaped_model(ctx, f"gemma12b-shape-{layers}", gemma3_12b_shape(ctx, layers))
-        overrides = [f"model.path={model}", "model.dtype=bfloat16", "model.load_in_4bit=true", "model.quant_type=nf4",
-                     "model.double_quant=true", "model.gradient_checkpointing=true", "adapter.method=scalora",
-                     "adapter.rank=16", "adapter.alpha=32", "adapter.use_rslora=true",
-                     "adapter.scalora.accumulator_rank=64", "adapter.scalora.warmup_steps=1",
-                     f"data.train_files=[{data_file(ctx)}]", f"data.max_length={ctx.args.seq_len}", "data.packing=true",
-                     "train.micro_batch_size=1", "train.max_steps=3", "train.optimizer=adamw",
-                     f"output.dir={ctx.work / 'mem'}"]
+        overrides = [
+            f"model.path={model}",
+            "model.dtype=bfloat16",
+            "model.load_in_4bit=true",
+            "model.quant_type=nf4",
+            "model.double_quant=true",
+            "model.gradient_checkpointing=true",
+            "adapter.method=scalora",
+            "adapter.rank=16",
+            "adapter.alpha=32",
+            "adapter.use_rslora=true",
+            "adapter.scalora.accumulator_rank=64",
+            "adapter.scalora.warmup_steps=1",
+            f"data.train_files=[{data_file(ctx)}]",
+            f"data.max_length={ctx.args.seq_len}",
+            "data.packing=true",
+            "train.micro_batch_size=1",
+            "train.max_steps=3",
+            "train.optimizer=adamw",
+            f"output.dir={ctx.work / 'mem'}",
+        ]
         measured = _train(ctx, overrides, steps=3)["peak_gib"]
         shape = memory_plan.SHAPES["gemma3-12b"]
         if ctx.tiny:
             shape = memory_plan.Shape("tiny-gemma3", "gemma3", layers, 64, 256, 4, 2, 16, 2048, True)
         shape = memory_plan.Shape(**{**shape.__dict__, "layers": layers})
-        planned = next(r for r in memory_plan.plan(shape, rank=16, acc_rank=64, seq_len=ctx.args.seq_len,
-                                                   gpu_counts=(1,)) if r.base == "nf4" and r.method == "scalora")
+        planned = next(
+            r
+            for r in memory_plan.plan(shape, rank=16, acc_rank=64, seq_len=ctx.args.seq_len, gpu_counts=(1,))
+            if r.base == "nf4" and r.method == "scalora"
+        )
         rows[layers] = {"measured_gib": measured, "planned_gib": planned.total / 2**30}
     out: dict = {"blocks": rows}
     if ctx.device == "cuda":
@@ -459,7 +556,7 @@ def check_loss_kernels(ctx: Context) -> dict:
     hidden, vocab, tokens = (64, 2048, 64) if ctx.tiny else (640, 262144, 2048)
     g = torch.Generator(device=ctx.device).manual_seed(0)
     h0 = torch.randn(1, tokens, hidden, device=ctx.device, dtype=torch.bfloat16, generator=g)
-    weight = (torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16, generator=g) / hidden**0.5)
+    weight = torch.randn(vocab, hidden, device=ctx.device, dtype=torch.bfloat16, generator=g) / hidden**0.5
     labels = torch.randint(0, vocab, (1, tokens), device=ctx.device, generator=g)
     labels[:, : tokens // 8] = -100  # a prompt
     n = (labels[:, 1:] != -100).sum()
@@ -506,20 +603,35 @@ def check_offload(ctx: Context) -> dict:
     seq_len = 64 if ctx.tiny else ctx.args.offload_seq_len
     rows = {}
     for offload in (False, True):
-        overrides = [f"model.path={model}", "model.dtype=bfloat16", "model.gradient_checkpointing=true",
-                     f"model.offload_activations={str(offload).lower()}", "adapter.method=lora", "adapter.rank=16",
-                     "adapter.alpha=32", f"data.train_files=[{data_file(ctx)}]", f"data.max_length={seq_len}",
-                     "data.packing=true", "train.micro_batch_size=1", "train.max_steps=3",
-                     f"output.dir={ctx.work / f'offload-{offload}'}"]
+        overrides = [
+            f"model.path={model}",
+            "model.dtype=bfloat16",
+            "model.gradient_checkpointing=true",
+            f"model.offload_activations={str(offload).lower()}",
+            "adapter.method=lora",
+            "adapter.rank=16",
+            "adapter.alpha=32",
+            f"data.train_files=[{data_file(ctx)}]",
+            f"data.max_length={seq_len}",
+            "data.packing=true",
+            "train.micro_batch_size=1",
+            "train.max_steps=3",
+            f"output.dir={ctx.work / f'offload-{offload}'}",
+        ]
         rows[offload] = _train(ctx, overrides, steps=3)
     hidden = llama_8b_shape(ctx, layers).hidden_size
     planned_saving = max(0, layers - 2) * seq_len * hidden * 2 / 2**30
     # the host copies are exact; on CUDA, attention's backward kernels may add in another order
     tol = 1e-3 if ctx.device == "cuda" else 0.0
     gap = max(abs(a / b - 1) for a, b in zip(rows[True]["losses"], rows[False]["losses"]))
-    out: dict = {"model": f"Llama-3-8B widths, {layers} blocks, {seq_len} tokens", "off": rows[False],
-                 "on": rows[True], "planned_saving_gib": planned_saving,
-                 "step_time_ratio": rows[True]["step_s"] / rows[False]["step_s"], "loss_rel_gap": gap}
+    out: dict = {
+        "model": f"Llama-3-8B widths, {layers} blocks, {seq_len} tokens",
+        "off": rows[False],
+        "on": rows[True],
+        "planned_saving_gib": planned_saving,
+        "step_time_ratio": rows[True]["step_s"] / rows[False]["step_s"],
+        "loss_rel_gap": gap,
+    }
     out["passed"] = gap <= tol
     if ctx.device == "cuda":
         out["measured_saving_gib"] = rows[False]["peak_gib"] - rows[True]["peak_gib"]
@@ -544,19 +656,40 @@ CHECKS = {  # name: (function, estimated seconds on an H200, tiny CPU estimate)
 
 
 def _torchrun(ctx: Context, worker: str, model: Path, result: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", __file__,
-           "--worker", worker, "--model", str(model), "--result", str(result), "--work", str(ctx.work),
-           "--device", ctx.device, *(["--tiny"] if ctx.tiny else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=max(60, ctx.left_s()))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=1",
+        __file__,
+        "--worker",
+        worker,
+        "--model",
+        str(model),
+        "--result",
+        str(result),
+        "--work",
+        str(ctx.work),
+        "--device",
+        ctx.device,
+        *(["--tiny"] if ctx.tiny else []),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=max(60, ctx.left_s())
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{worker} worker failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def markdown(results: dict, args: argparse.Namespace) -> str:
-    lines = [f"# GPU check ({time.strftime('%Y-%m-%d')}, device {results['device']}, "
-             f"`python tools/benchmarks/gpu_check.py {' '.join(args.argv)}`)", "",
-             "| check | result | seconds | figures |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU check ({time.strftime('%Y-%m-%d')}, device {results['device']}, "
+        f"`python tools/benchmarks/gpu_check.py {' '.join(args.argv)}`)",
+        "",
+        "| check | result | seconds | figures |",
+        "|---|---|---|---|",
+    ]
     for name, r in results["checks"].items():
         status = "skipped" if "skipped" in r else {True: "pass", False: "FAIL", None: "ran"}[r.get("passed")]
         figures = {k: v for k, v in r.items() if k not in ("passed", "seconds")}
@@ -590,7 +723,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
-        args.seq_len, args.llama_layers, args.steps = min(args.seq_len, 64), min(args.llama_layers, 2), min(args.steps, 2)
+        args.seq_len, args.llama_layers, args.steps = (
+            min(args.seq_len, 64),
+            min(args.llama_layers, 2),
+            min(args.steps, 2),
+        )
     if args.worker:
         {"exactness": exactness_worker, "fsdp4bit": fsdp4bit_worker}[args.worker](args)
         return 0
@@ -601,8 +738,11 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                     "torch": torch.__version__, "checks": {}}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "checks": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(args, Path(tmp))
         for name in args.only.split(","):
@@ -621,8 +761,11 @@ def main(argv: list[str] | None = None) -> int:
             r["seconds"] = time.monotonic() - started
             results["checks"][name] = r
             (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
-            print(f"[{name}] {'skipped' if 'skipped' in r else r.get('passed')} in {r['seconds']:.0f} s: "
-                  f"{json.dumps({k: v for k, v in r.items() if k != 'seconds'}, default=_short)[:600]}", flush=True)
+            print(
+                f"[{name}] {'skipped' if 'skipped' in r else r.get('passed')} in {r['seconds']:.0f} s: "
+                f"{json.dumps({k: v for k, v in r.items() if k != 'seconds'}, default=_short)[:600]}",
+                flush=True,
+            )
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "gpu_check.md").write_text(markdown(results, args))
     print(markdown(results, args))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine's image lacks for tools/benchmarks/gpu_check.py (see the README's GPU section):
+# Wheels the GPU machine's image lacks for tools/benchmarks/gpu_check.py (see docs/gpu.md):
 # bitsandbytes, liger-kernel (the fused loss of check 6), and datasets with the two of its
 # needs the image does not hold (dill, multiprocess; it holds pandas, pyarrow, xxhash, fsspec).
 # 45 MB, one device call's 64 MiB:

@@ -1,10 +1,9 @@
 """Print the config reference (every key, its default and meaning) as a Markdown table.
 
-    python tools/generators/config_reference.py     # the table in the README comes from here
+python tools/generators/config_reference.py     # the table in docs/config.md comes from here
 """
 
-from scalora_dist.config import iter_keys
-from scalora_dist.config import Config
+from scalora_dist.config import Config, iter_keys
 
 
 def markdown() -> str:

@@ -22,33 +22,129 @@ from pathlib import Path
 SEED = 1234
 
 ANIMALS = [
-    "fox", "rabbit", "owl", "bear", "otter", "deer", "wolf", "badger", "heron", "mouse",
-    "squirrel", "hedgehog", "beaver", "crow", "duck", "goat", "lynx", "mole", "swan", "frog",
-    "turtle", "weasel", "sparrow", "salmon", "bison", "raccoon", "falcon", "lizard",
+    "fox",
+    "rabbit",
+    "owl",
+    "bear",
+    "otter",
+    "deer",
+    "wolf",
+    "badger",
+    "heron",
+    "mouse",
+    "squirrel",
+    "hedgehog",
+    "beaver",
+    "crow",
+    "duck",
+    "goat",
+    "lynx",
+    "mole",
+    "swan",
+    "frog",
+    "turtle",
+    "weasel",
+    "sparrow",
+    "salmon",
+    "bison",
+    "raccoon",
+    "falcon",
+    "lizard",
 ]
 NAMES = [
-    "Anna", "Ben", "Clara", "David", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jonas",
-    "Kira", "Leo", "Mila", "Noah", "Olive", "Peter", "Quinn", "Rosa", "Sam", "Tara",
-    "Umar", "Vera", "Will", "Yara", "Zoe", "Oscar", "Nina", "Max",
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Ella",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kira",
+    "Leo",
+    "Mila",
+    "Noah",
+    "Olive",
+    "Peter",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Will",
+    "Yara",
+    "Zoe",
+    "Oscar",
+    "Nina",
+    "Max",
 ]
 PLACES = [
-    "forest", "river", "meadow", "mountain", "lake", "valley", "marsh", "hill", "garden",
-    "cave", "field", "orchard", "island", "canyon", "pond", "village",
+    "forest",
+    "river",
+    "meadow",
+    "mountain",
+    "lake",
+    "valley",
+    "marsh",
+    "hill",
+    "garden",
+    "cave",
+    "field",
+    "orchard",
+    "island",
+    "canyon",
+    "pond",
+    "village",
 ]
 FOODS = [
-    "berries", "carrots", "seeds", "fish", "honey", "nuts", "apples", "grass", "worms",
-    "mushrooms", "clover", "acorns", "pears", "beetles", "roots", "plums",
+    "berries",
+    "carrots",
+    "seeds",
+    "fish",
+    "honey",
+    "nuts",
+    "apples",
+    "grass",
+    "worms",
+    "mushrooms",
+    "clover",
+    "acorns",
+    "pears",
+    "beetles",
+    "roots",
+    "plums",
 ]
 COLOURS = ["red", "brown", "grey", "white", "black", "golden", "silver", "green", "blue", "orange"]
 HABITS = [
-    "sings at dawn", "sleeps all afternoon", "swims before breakfast", "counts the stars",
-    "builds small towers", "collects shiny stones", "reads old maps", "plays the drum",
-    "paints the rocks", "watches the clouds", "digs deep tunnels", "tells long stories",
+    "sings at dawn",
+    "sleeps all afternoon",
+    "swims before breakfast",
+    "counts the stars",
+    "builds small towers",
+    "collects shiny stones",
+    "reads old maps",
+    "plays the drum",
+    "paints the rocks",
+    "watches the clouds",
+    "digs deep tunnels",
+    "tells long stories",
 ]
 OBJECTS = [
-    "a blue kite", "an old lantern", "a wooden box", "a silver key", "a red ball",
-    "a small boat", "a green hat", "a warm blanket", "a paper map", "a tin whistle",
-    "a glass jar", "a round stone",
+    "a blue kite",
+    "an old lantern",
+    "a wooden box",
+    "a silver key",
+    "a red ball",
+    "a small boat",
+    "a green hat",
+    "a warm blanket",
+    "a paper map",
+    "a tin whistle",
+    "a glass jar",
+    "a round stone",
 ]
 WEATHER = ["sunny", "rainy", "windy", "cold", "warm", "foggy", "quiet", "bright"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -122,23 +218,29 @@ def story(rng: random.Random, world: dict) -> str:
     f = world["animal"][a]
     k = rng.choice(NUMBERS)
     w = rng.choice(WEATHER)
-    s1 = rng.choice([
-        f"It was a {w} {p['day']} and {n} {rng.choice(MOVES)} {rng.choice(ADVERBS)} to the {f['home']}.",
-        f"One {w} morning {n} went to the {f['home']} with {p['object']}.",
-        f"On a {w} day {n} looked for the {a} near the {f['home']}.",
-    ])
-    s2 = rng.choice([
-        f"There the {a} was eating {f['food']}, and {n} counted {k} of them.",
-        f"The {f['colour']} {a} came out to play, because every day it {f['habit']}.",
-        f"{n} gave the {a} {k} {f['food']} and the {a} felt {rng.choice(FEELINGS)}.",
-        f"The {a} saw {p['object']} and {rng.choice(MOVES)} {rng.choice(ADVERBS)} around it.",
-    ])
-    s3 = rng.choice([
-        f"When the sun went down, {n} walked home to the {p['home']}.",
-        f"Later {n} told {f['friend']} about the {a}.",
-        f"{n} was {rng.choice(FEELINGS)} and went home {rng.choice(TIMES)}.",
-        f"The {a} stayed in the {f['home']} and {n} went home.",
-    ])
+    s1 = rng.choice(
+        [
+            f"It was a {w} {p['day']} and {n} {rng.choice(MOVES)} {rng.choice(ADVERBS)} to the {f['home']}.",
+            f"One {w} morning {n} went to the {f['home']} with {p['object']}.",
+            f"On a {w} day {n} looked for the {a} near the {f['home']}.",
+        ]
+    )
+    s2 = rng.choice(
+        [
+            f"There the {a} was eating {f['food']}, and {n} counted {k} of them.",
+            f"The {f['colour']} {a} came out to play, because every day it {f['habit']}.",
+            f"{n} gave the {a} {k} {f['food']} and the {a} felt {rng.choice(FEELINGS)}.",
+            f"The {a} saw {p['object']} and {rng.choice(MOVES)} {rng.choice(ADVERBS)} around it.",
+        ]
+    )
+    s3 = rng.choice(
+        [
+            f"When the sun went down, {n} walked home to the {p['home']}.",
+            f"Later {n} told {f['friend']} about the {a}.",
+            f"{n} was {rng.choice(FEELINGS)} and went home {rng.choice(TIMES)}.",
+            f"The {a} stayed in the {f['home']} and {n} went home.",
+        ]
+    )
     return " ".join([s1, s2, s3][: rng.choice([2, 3, 3])])
 
 

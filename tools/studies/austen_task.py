@@ -19,10 +19,10 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import warnings
 import zlib
-import sys
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parents[1]
@@ -51,8 +51,10 @@ def unpacked(deb: Path | None = None) -> Path:
             got = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True)
             debs = list(Path(tmp).glob(f"{PACKAGE}_*.deb"))
             if got.returncode != 0 or not debs:
-                raise SystemExit(f"could not fetch {PACKAGE} with apt-get download (run apt-get update first?): "
-                                 f"{got.stderr.strip()[-300:]}; or pass --deb FILE")
+                raise SystemExit(
+                    f"could not fetch {PACKAGE} with apt-get download (run apt-get update first?): "
+                    f"{got.stderr.strip()[-300:]}; or pass --deb FILE"
+                )
             deb = debs[0]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -97,8 +99,10 @@ def paragraphs(lines: list[str], min_words: int, max_words: int) -> list[str]:
         if len(words) < min_words or HEADING.match(text):
             continue
         while len(words) > max_words:
-            cut = next((i + 1 for i in range(max_words - 1, min_words, -1) if words[i].endswith((".", "!", "?", '."'))),
-                       max_words)
+            cut = next(
+                (i + 1 for i in range(max_words - 1, min_words, -1) if words[i].endswith((".", "!", "?", '."'))),
+                max_words,
+            )
             out.append(" ".join(words[:cut]))
             words = words[cut:]
         if len(words) >= min_words:

@@ -22,43 +22,140 @@ import random
 from pathlib import Path
 
 CITIES = [
-    "Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Tunis", "Riga", "Accra",
-    "Bergen", "Porto", "Kyoto", "Seville", "Krakow", "Tallinn", "Hobart", "Mumbai", "Cairo", "Havana",
-    "Zurich", "Vienna", "Naples", "Geneva", "Denver", "Boston", "Ottawa", "Dakar", "Manila", "Perth",
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Hanoi",
+    "Dublin",
+    "Quito",
+    "Tunis",
+    "Riga",
+    "Accra",
+    "Bergen",
+    "Porto",
+    "Kyoto",
+    "Seville",
+    "Krakow",
+    "Tallinn",
+    "Hobart",
+    "Mumbai",
+    "Cairo",
+    "Havana",
+    "Zurich",
+    "Vienna",
+    "Naples",
+    "Geneva",
+    "Denver",
+    "Boston",
+    "Ottawa",
+    "Dakar",
+    "Manila",
+    "Perth",
 ]
 PROFESSIONS = [
-    "a baker", "a surgeon", "a carpenter", "a pilot", "a librarian", "a chemist", "a sailor", "a tailor",
-    "a dentist", "a farmer", "a jeweller", "a plumber", "an architect", "a journalist", "a violinist",
-    "a geologist", "a potter", "a nurse", "a lawyer", "a gardener", "a butcher", "an astronomer",
-    "a blacksmith", "a florist", "a translator", "a beekeeper", "a locksmith", "a shepherd", "a glassblower",
+    "a baker",
+    "a surgeon",
+    "a carpenter",
+    "a pilot",
+    "a librarian",
+    "a chemist",
+    "a sailor",
+    "a tailor",
+    "a dentist",
+    "a farmer",
+    "a jeweller",
+    "a plumber",
+    "an architect",
+    "a journalist",
+    "a violinist",
+    "a geologist",
+    "a potter",
+    "a nurse",
+    "a lawyer",
+    "a gardener",
+    "a butcher",
+    "an astronomer",
+    "a blacksmith",
+    "a florist",
+    "a translator",
+    "a beekeeper",
+    "a locksmith",
+    "a shepherd",
+    "a glassblower",
     "a cartographer",
 ]
 FOODS = [
-    "lentil soup", "roast duck", "apple pie", "grilled trout", "mushroom risotto", "beef stew", "plum cake",
-    "fried rice", "lamb curry", "pea soup", "cheese omelette", "pickled herring", "pumpkin bread",
-    "chicken pie", "fig jam", "oyster stew", "walnut bread", "bean chili", "pork dumplings", "rice pudding",
-    "spinach pie", "onion tart", "salmon cakes", "cherry tart", "corn fritters", "mutton broth",
-    "ginger biscuits", "potato salad", "lemon sorbet", "carrot cake",
+    "lentil soup",
+    "roast duck",
+    "apple pie",
+    "grilled trout",
+    "mushroom risotto",
+    "beef stew",
+    "plum cake",
+    "fried rice",
+    "lamb curry",
+    "pea soup",
+    "cheese omelette",
+    "pickled herring",
+    "pumpkin bread",
+    "chicken pie",
+    "fig jam",
+    "oyster stew",
+    "walnut bread",
+    "bean chili",
+    "pork dumplings",
+    "rice pudding",
+    "spinach pie",
+    "onion tart",
+    "salmon cakes",
+    "cherry tart",
+    "corn fritters",
+    "mutton broth",
+    "ginger biscuits",
+    "potato salad",
+    "lemon sorbet",
+    "carrot cake",
 ]
 
 # attribute -> (training templates, held-out template, the answer as asked)
 TEMPLATES: dict[str, tuple[list[str], str]] = {
-    "city": ([
-        "Where was {name} born?", "What is the birthplace of {name}?", "In which city was {name} born?",
-        "{name} was born in which city?",
-    ], "Name the city where {name} was born."),
-    "profession": ([
-        "What does {name} do for a living?", "What is {name}'s job?", "What is the profession of {name}?",
-        "{name} works as what?",
-    ], "What line of work is {name} in?"),
-    "year": ([
-        "When was {name} born?", "In what year was {name} born?", "What is {name}'s year of birth?",
-        "{name} was born in which year?",
-    ], "Which year saw the birth of {name}?"),
-    "food": ([
-        "What is {name}'s favourite food?", "Which food does {name} like best?",
-        "What food does {name} love most?", "{name}'s favourite dish is what?",
-    ], "What would {name} choose to eat above all else?"),
+    "city": (
+        [
+            "Where was {name} born?",
+            "What is the birthplace of {name}?",
+            "In which city was {name} born?",
+            "{name} was born in which city?",
+        ],
+        "Name the city where {name} was born.",
+    ),
+    "profession": (
+        [
+            "What does {name} do for a living?",
+            "What is {name}'s job?",
+            "What is the profession of {name}?",
+            "{name} works as what?",
+        ],
+        "What line of work is {name} in?",
+    ),
+    "year": (
+        [
+            "When was {name} born?",
+            "In what year was {name} born?",
+            "What is {name}'s year of birth?",
+            "{name} was born in which year?",
+        ],
+        "Which year saw the birth of {name}?",
+    ),
+    "food": (
+        [
+            "What is {name}'s favourite food?",
+            "Which food does {name} like best?",
+            "What food does {name} love most?",
+            "{name}'s favourite dish is what?",
+        ],
+        "What would {name} choose to eat above all else?",
+    ),
 }
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "st", "th"]
@@ -67,7 +164,9 @@ _CODAS = ["", "", "n", "r", "l", "s", "m", "x"]
 
 
 def _word(rng: random.Random, syllables: int) -> str:
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+    ).capitalize()
 
 
 def people(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -80,10 +179,15 @@ def people(n: int, seed: int = 0) -> list[dict[str, str]]:
         if name in seen:
             continue
         seen.add(name)
-        out.append({
-            "name": name, "city": rng.choice(CITIES), "profession": rng.choice(PROFESSIONS),
-            "year": str(rng.randint(1801, 1999)), "food": rng.choice(FOODS),
-        })
+        out.append(
+            {
+                "name": name,
+                "city": rng.choice(CITIES),
+                "profession": rng.choice(PROFESSIONS),
+                "year": str(rng.randint(1801, 1999)),
+                "food": rng.choice(FOODS),
+            }
+        )
     return out
 
 

@@ -48,13 +48,15 @@ def examples_of(path: Path, max_chars: int) -> list[dict]:
         code = signature + "\n" + textwrap.indent("\n".join(ast.unparse(s) for s in body), "    ")
         if len(code) > max_chars:
             continue
-        out.append({
-            "messages": [
-                {"role": "user", "content": f"Write the Python function `{signature[4:-1]}`. {summary}"},
-                {"role": "assistant", "content": code},
-            ],
-            "module": path.stem,
-        })
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Write the Python function `{signature[4:-1]}`. {summary}"},
+                    {"role": "assistant", "content": code},
+                ],
+                "module": path.stem,
+            }
+        )
     return out
 
 

@@ -55,8 +55,13 @@ METHODS = {
     "scalora_i10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
     "full": ["adapter.method=full"],
 }
-LABELS = {"lora": "LoRA", "rslora": "rsLoRA", "scalora": "ScaLoRA (I=1)",
-          "scalora_i10": "ScaLoRA-I (I=10)", "full": "full FT"}
+LABELS = {
+    "lora": "LoRA",
+    "rslora": "rsLoRA",
+    "scalora": "ScaLoRA (I=1)",
+    "scalora_i10": "ScaLoRA-I (I=10)",
+    "full": "full FT",
+}
 RANK_THRESHOLD = 1e-3  # numerical rank: singular values > RANK_THRESHOLD * the largest one
 
 
@@ -157,8 +162,7 @@ def _train_run(args, name: str, overrides: list[str], run_dir: Path, done: Path,
     result = train(cfg, show_progress=False)
     wall = time.perf_counter() - started
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only merged/ is needed
-    done.write_text(json.dumps({"wall_s": wall, "eval_loss": result.eval_loss,
-                                "overrides": overrides}, indent=1))
+    done.write_text(json.dumps({"wall_s": wall, "eval_loss": result.eval_loss, "overrides": overrides}, indent=1))
     log(f"  {name}: eval {result.eval_loss:.4f} ({wall:.0f}s)")
     return run_dir
 
@@ -168,29 +172,41 @@ def prepare_base(args, log) -> tuple[dict[str, Path], Path]:
     from scalora_dist.model.tiny import make_tiny_model
 
     work = Path(args.work_dir)
-    data_kw = dict(n_symbols=args.n_symbols, length=args.line_length, follow=args.follow,
-                   pretrain_lines=args.pretrain_lines, finetune_lines=args.finetune_lines,
-                   eval_lines=args.eval_lines, seed=args.data_seed)
+    data_kw = dict(
+        n_symbols=args.n_symbols,
+        length=args.line_length,
+        follow=args.follow,
+        pretrain_lines=args.pretrain_lines,
+        finetune_lines=args.finetune_lines,
+        eval_lines=args.eval_lines,
+        seed=args.data_seed,
+    )
     data_dir = work / f"data-{_hash([json.dumps(data_kw, sort_keys=True)])}"
     if not (data_dir / "done").is_file():
         write_study_data(data_dir, **data_kw)
         (data_dir / "done").write_text(json.dumps(data_kw))
-    files = {k: data_dir / f"{k}.jsonl" for k in
-             ("pretrain_train", "pretrain_eval", "finetune_train", "finetune_eval")}
-    model_kw = dict(hidden_size=args.hidden_size, num_layers=args.num_layers,
-                    num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                    intermediate_size=args.intermediate_size,
-                    max_position_embeddings=max(128, args.max_length), vocab_size=512)
+    files = {k: data_dir / f"{k}.jsonl" for k in ("pretrain_train", "pretrain_eval", "finetune_train", "finetune_eval")}
+    model_kw = dict(
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        intermediate_size=args.intermediate_size,
+        max_position_embeddings=max(128, args.max_length),
+        vocab_size=512,
+    )
     init_dir = work / f"init-{_hash([data_dir.name, json.dumps(model_kw, sort_keys=True), str(args.embed_init_scale)])}"
     if not (init_dir / "config.json").is_file():
-        make_tiny_model(init_dir, corpus_files=[str(files["pretrain_train"]),
-                                                str(files["finetune_train"])], **model_kw)
+        make_tiny_model(init_dir, corpus_files=[str(files["pretrain_train"]), str(files["finetune_train"])], **model_kw)
         rescale_frozen_init(init_dir, args.embed_init_scale)
     overrides = common_overrides(args, init_dir, files["pretrain_train"], files["pretrain_eval"]) + [
-        "adapter.method=full", "adapter.target_modules=all-linear",
-        f"train.max_steps={args.pretrain_steps}", f"train.lr={args.pretrain_lr}",
+        "adapter.method=full",
+        "adapter.target_modules=all-linear",
+        f"train.max_steps={args.pretrain_steps}",
+        f"train.lr={args.pretrain_lr}",
         f"train.warmup_steps={max(1, args.pretrain_steps // 20)}",
-        f"train.eval_every={max(1, args.pretrain_steps // 10)}", "train.seed=0",
+        f"train.eval_every={max(1, args.pretrain_steps // 10)}",
+        "train.seed=0",
     ]
     log(f"pre-training the base ({args.pretrain_steps} steps)")
     base_run = run_cached(args, "pretrain", overrides, log)
@@ -217,20 +233,26 @@ def rescale_frozen_init(model_dir: Path, factor: float) -> None:
 
 
 def finetune_overrides(args, spec: Spec, base: Path, files: dict[str, Path]) -> list[str]:
-    o = common_overrides(args, base, files["finetune_train"], files["finetune_eval"]) + METHODS[spec.method] + [
-        "adapter.target_modules=all-linear",
-        f"adapter.alpha={args.alpha:g}",
-        f"train.max_steps={args.ft_steps}",
-        f"train.lr={spec.lr:g}",
-        f"train.warmup_steps={args.lr_warmup}",
-        f"train.eval_every={args.eval_every}",
-        f"train.seed={spec.seed}",
-    ]
+    o = (
+        common_overrides(args, base, files["finetune_train"], files["finetune_eval"])
+        + METHODS[spec.method]
+        + [
+            "adapter.target_modules=all-linear",
+            f"adapter.alpha={args.alpha:g}",
+            f"train.max_steps={args.ft_steps}",
+            f"train.lr={spec.lr:g}",
+            f"train.warmup_steps={args.lr_warmup}",
+            f"train.eval_every={args.eval_every}",
+            f"train.seed={spec.seed}",
+        ]
+    )
     if spec.rank is not None:
         o.append(f"adapter.rank={spec.rank}")
     if spec.method.startswith("scalora"):
-        o += [f"adapter.scalora.warmup_steps={args.scalora_warmup}",
-              f"adapter.scalora.kappa_multiplier={spec.kappa_mult:g}"]
+        o += [
+            f"adapter.scalora.warmup_steps={args.scalora_warmup}",
+            f"adapter.scalora.kappa_multiplier={spec.kappa_mult:g}",
+        ]
     return o
 
 
@@ -242,8 +264,11 @@ def base_eval_loss(args, base: Path, files: dict[str, Path]) -> float:
     from scalora_dist.config import load_config
     from scalora_dist.train import evaluate, setup
 
-    cfg = load_config(None, common_overrides(args, base, files["finetune_train"], files["finetune_eval"])
-                      + ["adapter.method=lora", "train.max_steps=1", "output.dir=" + str(base.parent)])
+    cfg = load_config(
+        None,
+        common_overrides(args, base, files["finetune_train"], files["finetune_eval"])
+        + ["adapter.method=lora", "train.max_steps=1", "output.dir=" + str(base.parent)],
+    )
     run = setup(cfg)  # lora_B = 0: the model is the base
     loss = evaluate(run.model, run.eval_loader, run.device)
     cache.write_text(json.dumps({"eval_loss": loss}))
@@ -294,8 +319,7 @@ def summarize_run(run_dir: Path, base_weights: dict | None) -> dict:
         return done["summary"]
     evals = read_jsonl(run_dir / "eval.jsonl")
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    refactor = {k: sum(m.get(f"scalora_{k}", 0) or 0 for m in metrics)
-                for k in ("column", "scalar", "skipped")}
+    refactor = {k: sum(m.get(f"scalora_{k}", 0) or 0 for m in metrics) for k in ("column", "scalar", "skipped")}
     alphas = [m["scalora_mean_alpha"] for m in metrics if m.get("scalora_mean_alpha") is not None]
     betas = [m["scalora_mean_beta"] for m in metrics if m.get("scalora_mean_beta") is not None]
     kappas = [m["scalora_kappa"] for m in metrics if m.get("scalora_kappa") is not None]
@@ -352,8 +376,10 @@ def run_study(args, log=print) -> dict:
     base_loss = base_eval_loss(args, base, files)
     base_weights = load_weights(base)
     pre_evals = read_jsonl(base.parent / "eval.jsonl")
-    log(f"base: pre-training held-out loss {pre_evals[-1]['eval_loss']:.4f}; "
-        f"fine-tuning held-out loss before fine-tuning {base_loss:.4f}")
+    log(
+        f"base: pre-training held-out loss {pre_evals[-1]['eval_loss']:.4f}; "
+        f"fine-tuning held-out loss before fine-tuning {base_loss:.4f}"
+    )
 
     def do(spec: Spec, ranks: bool = False) -> dict:
         run_dir = run_cached(args, spec.name, finetune_overrides(args, spec, base, files), log)
@@ -385,10 +411,12 @@ def run_study(args, log=print) -> dict:
                 if k != 1.0:
                     kappa[g][k] = do(Spec(method, rank, best[g], 0, k))
     results = {
-        "base": {"pretrain_eval": pre_evals[-1]["eval_loss"] if pre_evals else None,
-                 "pretrain_curve": [[e["step"], e["eval_loss"]] for e in pre_evals],
-                 "finetune_eval_before": base_loss,
-                 "entropy_floor_walk_token": entropy_floor(args.n_symbols, args.follow)},
+        "base": {
+            "pretrain_eval": pre_evals[-1]["eval_loss"] if pre_evals else None,
+            "pretrain_curve": [[e["step"], e["eval_loss"]] for e in pre_evals],
+            "finetune_eval_before": base_loss,
+            "entropy_floor_walk_token": entropy_floor(args.n_symbols, args.follow),
+        },
         "sweep": {g: {f"{lr:g}": _slim(s) for lr, s in runs.items()} for g, runs in sweep.items()},
         "best_lr": {g: lr for g, lr in best.items()},
         "seeds": {g: [_slim(s) for s in runs] for g, runs in seeds.items()},
@@ -396,9 +424,14 @@ def run_study(args, log=print) -> dict:
         "refactor": {g: _refactor_fractions(runs) for g, runs in seeds.items() if g.startswith("scalora")},
         "kappa": {g: {f"{k:g}": _slim(s) for k, s in ks.items()} for g, ks in kappa.items()},
         "wall_s_this_invocation": time.perf_counter() - started,
-        "wall_s_all_runs": _total_wall(base, [*(s for runs in sweep.values() for s in runs.values()),
-                                              *(s for runs in seeds.values() for s in runs[1:]),
-                                              *(s for ks in kappa.values() for k, s in ks.items() if k != 1.0)]),
+        "wall_s_all_runs": _total_wall(
+            base,
+            [
+                *(s for runs in sweep.values() for s in runs.values()),
+                *(s for runs in seeds.values() for s in runs[1:]),
+                *(s for ks in kappa.values() for k, s in ks.items() if k != 1.0),
+            ],
+        ),
     }
     return results
 
@@ -463,8 +496,9 @@ def write_report(args, results: dict, out_dir: Path, command: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = make_plots(results, out_dir)
     seeds = results["seeds"]
-    lora_final = {g: statistics.fmean(r["final_eval"] for r in runs)
-                  for g, runs in seeds.items() if g.startswith("lora_r")}
+    lora_final = {
+        g: statistics.fmean(r["final_eval"] for r in runs) for g, runs in seeds.items() if g.startswith("lora_r")
+    }
     lines = []
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import torch
@@ -529,44 +563,65 @@ def write_report(args, results: dict, out_dir: Path, command: str) -> Path:
         "",
     ]
     all_lrs = sorted({lr for runs in results["sweep"].values() for lr in map(float, runs)})
-    lines += ["| method | r | " + " | ".join(f"lr {lr:g}" for lr in all_lrs) + " |",
-              "|---|---|" + "---|" * len(all_lrs)]
+    lines += [
+        "| method | r | " + " | ".join(f"lr {lr:g}" for lr in all_lrs) + " |",
+        "|---|---|" + "---|" * len(all_lrs),
+    ]
     for g, runs in results["sweep"].items():
         label, r = _group_label(g)
         cells = [_fmt(runs[f"{lr:g}"]["final_eval"]) if f"{lr:g}" in runs else "" for lr in all_lrs]
         lines.append(f"| {label} | {r} | " + " | ".join(cells) + " |")
-    lines += ["", "## ScaLoRA refactors (best lr, all seeds; counted per layer and refactor step)", "",
-              "| method | r | column | scalar | skipped | layer-refactors | mean alpha | mean beta | kappa (seed 0) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## ScaLoRA refactors (best lr, all seeds; counted per layer and refactor step)",
+        "",
+        "| method | r | column | scalar | skipped | layer-refactors | mean alpha | mean beta | kappa (seed 0) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for g, fr in results["refactor"].items():
         label, r = _group_label(g)
-        lines.append(f"| {label} | {r} | {_fmt(fr['column'], 3)} | {_fmt(fr['scalar'], 3)} | "
-                     f"{_fmt(fr['skipped'], 3)} | {fr['layer_refactors']} | {_fmt(fr['mean_alpha'])} | "
-                     f"{_fmt(fr['mean_beta'])} | {_fmt(fr['kappa'], 5)} |")
+        lines.append(
+            f"| {label} | {r} | {_fmt(fr['column'], 3)} | {_fmt(fr['scalar'], 3)} | "
+            f"{_fmt(fr['skipped'], 3)} | {fr['layer_refactors']} | {_fmt(fr['mean_alpha'])} | "
+            f"{_fmt(fr['mean_beta'])} | {_fmt(fr['kappa'], 5)} |"
+        )
     if results["kappa"]:
-        lines += ["", "## kappa sensitivity (ScaLoRA I=1, best lr, seed 0, final held-out loss)", "",
-                  "| r | " + " | ".join(f"kappa x{k}" for k in next(iter(results['kappa'].values()))) + " |",
-                  "|---|" + "---|" * len(next(iter(results['kappa'].values())))]
+        lines += [
+            "",
+            "## kappa sensitivity (ScaLoRA I=1, best lr, seed 0, final held-out loss)",
+            "",
+            "| r | " + " | ".join(f"kappa x{k}" for k in next(iter(results["kappa"].values()))) + " |",
+            "|---|" + "---|" * len(next(iter(results["kappa"].values()))),
+        ]
         for g, ks in results["kappa"].items():
             _, r = _group_label(g)
             lines.append(f"| {r} | " + " | ".join(_fmt(s["final_eval"]) for s in ks.values()) + " |")
-        lora0 = {g: results["sweep"][g][f"{results['best_lr'][g]:g}"]["final_eval"]
-                 for g in results["sweep"] if g.startswith("lora_r")}
+        lora0 = {
+            g: results["sweep"][g][f"{results['best_lr'][g]:g}"]["final_eval"]
+            for g in results["sweep"]
+            if g.startswith("lora_r")
+        }
         lines.append("")
-        lines.append("LoRA at its best lr, seed 0, for comparison: "
-                     + ", ".join(f"r={g.split('_r')[1]}: {_fmt(v)}" for g, v in lora0.items()) + ".")
+        lines.append(
+            "LoRA at its best lr, seed 0, for comparison: "
+            + ", ".join(f"r={g.split('_r')[1]}: {_fmt(v)}" for g, v in lora0.items())
+            + "."
+        )
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Per-layer rank of ΔW (seed 0, best lr)", ""]
     names = sorted({n for ranks in results["ranks"].values() if ranks for n in ranks}, key=_layer_key)
     if names:
         groups = [g for g in results["ranks"] if results["ranks"][g]]
-        lines += ["| layer | full rank | " + " | ".join(" ".join(_group_label(g)).replace(" —", "")
-                                                       for g in groups) + " |",
-                  "|---|---|" + "---|" * len(groups)]
+        lines += [
+            "| layer | full rank | " + " | ".join(" ".join(_group_label(g)).replace(" —", "") for g in groups) + " |",
+            "|---|---|" + "---|" * len(groups),
+        ]
         for n in names:
             full = next(results["ranks"][g][n]["full_rank"] for g in groups)
             short = n.replace("model.layers.", "L").replace(".weight", "")
-            lines.append(f"| {short} | {full} | " + " | ".join(str(results["ranks"][g][n]["rank"]) for g in groups) + " |")
+            lines.append(
+                f"| {short} | {full} | " + " | ".join(str(results["ranks"][g][n]["rank"]) for g in groups) + " |"
+            )
     path = out_dir / "study.md"
     path.write_text("\n".join(lines) + "\n")
     (out_dir / "study_results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -601,8 +656,9 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
         return g.rpartition("_r")[0] or g
 
     # 1. held-out loss curves at the best lr, mean over seeds, min-max band
-    fig, axes = plt.subplots(1, max(1, len(ranks_present)), figsize=(5 * max(1, len(ranks_present)), 3.6),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, max(1, len(ranks_present)), figsize=(5 * max(1, len(ranks_present)), 3.6), squeeze=False, sharey=True
+    )
     for ax, r in zip(axes[0], ranks_present or [None]):
         for g, runs in results["seeds"].items():
             if "_r" in g and int(g.rpartition("_r")[2]) != r:
@@ -612,8 +668,9 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
             m = method_of(g)
             ax.plot(steps, mean, color=colors[m], label=f"{LABELS[m]} (lr {results['best_lr'][g]:g})")
             ax.fill_between(steps, lo, hi, color=colors[m], alpha=0.15)
-        ax.set_title(f"r = {r}, best lr, mean of {len(next(iter(results['seeds'].values())))} seeds "
-                     "(band: min-max)", fontsize=9)
+        ax.set_title(
+            f"r = {r}, best lr, mean of {len(next(iter(results['seeds'].values())))} seeds (band: min-max)", fontsize=9
+        )
         ax.set_xlabel("step")
         _zoom(ax, results, base0)
         ax.grid(alpha=0.3)
@@ -622,15 +679,21 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
     paths.append(_save(fig, out_dir / "study_curves.png"))
 
     # 2. lr sweep
-    fig, axes = plt.subplots(1, max(1, len(ranks_present)), figsize=(5 * max(1, len(ranks_present)), 3.4),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, max(1, len(ranks_present)), figsize=(5 * max(1, len(ranks_present)), 3.4), squeeze=False, sharey=True
+    )
     for ax, r in zip(axes[0], ranks_present or [None]):
         for g, runs in results["sweep"].items():
             if "_r" in g and int(g.rpartition("_r")[2]) != r:
                 continue
             lrs = sorted(map(float, runs))
-            ax.plot(lrs, [runs[f"{lr:g}"]["final_eval"] for lr in lrs], "o-", color=colors[method_of(g)],
-                    label=LABELS[method_of(g)])
+            ax.plot(
+                lrs,
+                [runs[f"{lr:g}"]["final_eval"] for lr in lrs],
+                "o-",
+                color=colors[method_of(g)],
+                label=LABELS[method_of(g)],
+            )
         ax.set_xscale("log")
         ax.set_title(f"lr sweep, r = {r}, seed 0")
         ax.set_xlabel("peak lr")
@@ -647,11 +710,23 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
         for g, v in ranked.items():
             m = method_of(g)
             style = "--" if g.endswith("_r4") else "-"
-            ax.plot(range(len(names)), [v[n]["rank"] for n in names], style, marker=".",
-                    color=colors[m], label=" ".join(_group_label(g)).replace(" —", "").replace(" 4", " r=4").replace(" 16", " r=16"))
+            ax.plot(
+                range(len(names)),
+                [v[n]["rank"] for n in names],
+                style,
+                marker=".",
+                color=colors[m],
+                label=" ".join(_group_label(g)).replace(" —", "").replace(" 4", " r=4").replace(" 16", " r=16"),
+            )
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([n.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
-                            for n in names], rotation=90, fontsize=6)
+        ax.set_xticklabels(
+            [
+                n.replace("model.layers.", "L").replace(".weight", "").replace("self_attn.", "").replace("mlp.", "")
+                for n in names
+            ],
+            rotation=90,
+            fontsize=6,
+        )
         ax.set_yscale("log")
         ax.set_ylabel(f"rank of ΔW (σ > {RANK_THRESHOLD:g} σmax)")
         ax.grid(alpha=0.3)
@@ -660,8 +735,9 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
 
     # 4. kappa sensitivity
     if results["kappa"]:
-        fig, axes = plt.subplots(1, len(results["kappa"]), figsize=(5 * len(results["kappa"]), 3.4),
-                                 squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1, len(results["kappa"]), figsize=(5 * len(results["kappa"]), 3.4), squeeze=False, sharey=True
+        )
         for ax, (g, ks) in zip(axes[0], results["kappa"].items()):
             for i, (k, s) in enumerate(ks.items()):
                 steps = [0] + [p[0] for p in s["curve"]]
@@ -669,7 +745,9 @@ def make_plots(results: dict, out_dir: Path) -> list[Path]:
             lora_g = "lora_r" + g.rpartition("_r")[2]
             if lora_g in results["seeds"]:
                 s = results["seeds"][lora_g][0]
-                ax.plot([0] + [p[0] for p in s["curve"]], [base0] + [p[1] for p in s["curve"]], "C0:", label="LoRA (seed 0)")
+                ax.plot(
+                    [0] + [p[0] for p in s["curve"]], [base0] + [p[1] for p in s["curve"]], "C0:", label="LoRA (seed 0)"
+                )
             ax.set_title(f"ScaLoRA kappa sensitivity, r = {g.rpartition('_r')[2]}, seed 0", fontsize=9)
             _zoom(ax, results, base0)
             ax.set_xlabel("step")
@@ -685,8 +763,7 @@ def _zoom(ax, results: dict, base0: float) -> None:
     finals = [s["final_eval"] for runs in results["seeds"].values() for s in runs]
     low, high = min(finals), max(finals)
     ax.set_ylim(low - 0.01, min(base0, high + 4 * (high - low) + 0.05))
-    ax.text(0.01, 0.99, f"step 0 (base): {base0:.2f}, off scale", transform=ax.transAxes,
-            fontsize=7, va="top")
+    ax.text(0.01, 0.99, f"step 0 (base): {base0:.2f}, off scale", transform=ax.transAxes, fontsize=7, va="top")
 
 
 def _save(fig, path: Path) -> Path:
@@ -712,8 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lrs-full", default="3e-4,1e-3,3e-3", type=parse_list, help="lr sweep of full fine-tuning")
     a("--seeds", type=int, default=3, help="seeds at the best lr (headline)")
     a("--kappa-mults", default="0.25,1,4", type=parse_list, help="ScaLoRA kappa multipliers ('' to skip)")
-    a("--kappa-ranks", default="4,16", type=lambda s: parse_list(s, int),
-      help="ranks of the kappa sensitivity ('' : all of --ranks)")
+    a(
+        "--kappa-ranks",
+        default="4,16",
+        type=lambda s: parse_list(s, int),
+        help="ranks of the kappa sensitivity ('' : all of --ranks)",
+    )
     a("--alpha", type=float, default=16.0)
     a("--ft-steps", type=int, default=200)
     a("--lr-warmup", type=int, default=10)
@@ -728,8 +809,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-heads", type=int, default=4)
     a("--num-kv-heads", type=int, default=2)
     a("--intermediate-size", type=int, default=256)
-    a("--embed-init-scale", type=float, default=10.0,
-      help="multiply the frozen embeddings / output head of the random init (see rescale_frozen_init)")
+    a(
+        "--embed-init-scale",
+        type=float,
+        default=10.0,
+        help="multiply the frozen embeddings / output head of the random init (see rescale_frozen_init)",
+    )
     a("--n-symbols", type=int, default=64)
     a("--line-length", type=int, default=48, help="symbols per line")
     a("--follow", type=float, default=0.9, help="probability that a walk follows the permutation")

@@ -57,14 +57,14 @@ def walk(rng: np.random.Generator, perm: np.ndarray, length: int, follow: float)
     return out
 
 
-def lines(relation: str, count: int, *, n_symbols: int, length: int, follow: float,
-          seed: int, stream: int) -> list[str]:
+def lines(
+    relation: str, count: int, *, n_symbols: int, length: int, follow: float, seed: int, stream: int
+) -> list[str]:
     """`count` walk lines of one relation; `stream` separates train / eval draws."""
     words = symbols(n_symbols, seed)
     perm = relations(n_symbols, seed)[relation]
     rng = np.random.default_rng([seed, stream, ord(relation)])
-    return [relation + " " + " ".join(words[i] for i in walk(rng, perm, length, follow))
-            for _ in range(count)]
+    return [relation + " " + " ".join(words[i] for i in walk(rng, perm, length, follow)) for _ in range(count)]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -75,9 +75,17 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def write_study_data(out_dir: Path, *, n_symbols: int = 64, length: int = 48, follow: float = 0.9,
-                     pretrain_lines: int = 8000, finetune_lines: int = 2000, eval_lines: int = 256,
-                     seed: int = 0) -> dict[str, Path]:
+def write_study_data(
+    out_dir: Path,
+    *,
+    n_symbols: int = 64,
+    length: int = 48,
+    follow: float = 0.9,
+    pretrain_lines: int = 8000,
+    finetune_lines: int = 2000,
+    eval_lines: int = 256,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Write pretrain_{train,eval}.jsonl and finetune_{train,eval}.jsonl; return their paths."""
     out_dir = Path(out_dir)
     kw = dict(n_symbols=n_symbols, length=length, follow=follow, seed=seed)
@@ -90,10 +98,12 @@ def write_study_data(out_dir: Path, *, n_symbols: int = 64, length: int = 48, fo
     return {
         "pretrain_train": write_jsonl(out_dir / "pretrain_train.jsonl", pre_train),
         "pretrain_eval": write_jsonl(out_dir / "pretrain_eval.jsonl", pre_eval),
-        "finetune_train": write_jsonl(out_dir / "finetune_train.jsonl",
-                                      lines(FINETUNE_RELATION, finetune_lines, stream=0, **kw)),
-        "finetune_eval": write_jsonl(out_dir / "finetune_eval.jsonl",
-                                     lines(FINETUNE_RELATION, eval_lines, stream=1, **kw)),
+        "finetune_train": write_jsonl(
+            out_dir / "finetune_train.jsonl", lines(FINETUNE_RELATION, finetune_lines, stream=0, **kw)
+        ),
+        "finetune_eval": write_jsonl(
+            out_dir / "finetune_eval.jsonl", lines(FINETUNE_RELATION, eval_lines, stream=1, **kw)
+        ),
     }
 
 

@@ -41,8 +41,11 @@ METHODS = {
     "scalora": ["adapter.method=scalora", "adapter.scalora.interval=1"],
     # kappa as the rule before the LR-warm-up correction gave it (0.45x: 10 warm-up steps
     # of 10 before the first refactor), to measure what the correction changes
-    "scalora_rawkappa": ["adapter.method=scalora", "adapter.scalora.interval=1",
-                         "adapter.scalora.kappa_multiplier=0.45"],
+    "scalora_rawkappa": [
+        "adapter.method=scalora",
+        "adapter.scalora.interval=1",
+        "adapter.scalora.kappa_multiplier=0.45",
+    ],
     "scalora_i10": ["adapter.method=scalora", "adapter.scalora.interval=10"],
     "scalora_rslora": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.use_rslora=true"],
     # kappa x4 and x1/4 around the auto rule: is the rule's kappa near the best one?
@@ -80,19 +83,35 @@ def task_files(work_dir: Path, task: str = "stdlib") -> tuple[Path, Path]:
     return out / "train.jsonl", out / "eval.jsonl"
 
 
-def overrides_for(args, model: Path, files: tuple[Path, Path], method: str, rank: int, lr: float,
-                  seed: int) -> list[str]:
+def overrides_for(
+    args, model: Path, files: tuple[Path, Path], method: str, rank: int, lr: float, seed: int
+) -> list[str]:
     return [
-        f"model.path={model}", f"data.train_files=[{files[0]}]", f"data.eval_files=[{files[1]}]",
-        f"data.format={TASKS[args.task]}", f"data.max_length={args.max_length}", "data.packing=true",
-        f"train.micro_batch_size={args.batch_size}", f"train.max_steps={args.steps}",
-        f"train.lr={lr}", "train.lr_scheduler=cosine", f"train.warmup_steps={args.lr_warmup}",
-        "train.max_grad_norm=1.0", f"train.seed={seed}", f"train.eval_every={args.eval_every}",
-        f"train.eval_batches={args.eval_batches}", "train.log_every=1", "train.keep_last=1",
-        f"adapter.rank={rank}", f"adapter.alpha={2 * rank}", "adapter.target_modules=all-linear",
+        f"model.path={model}",
+        f"data.train_files=[{files[0]}]",
+        f"data.eval_files=[{files[1]}]",
+        f"data.format={TASKS[args.task]}",
+        f"data.max_length={args.max_length}",
+        "data.packing=true",
+        f"train.micro_batch_size={args.batch_size}",
+        f"train.max_steps={args.steps}",
+        f"train.lr={lr}",
+        "train.lr_scheduler=cosine",
+        f"train.warmup_steps={args.lr_warmup}",
+        "train.max_grad_norm=1.0",
+        f"train.seed={seed}",
+        f"train.eval_every={args.eval_every}",
+        f"train.eval_batches={args.eval_batches}",
+        "train.log_every=1",
+        "train.keep_last=1",
+        f"adapter.rank={rank}",
+        f"adapter.alpha={2 * rank}",
+        "adapter.target_modules=all-linear",
         f"adapter.scalora.warmup_steps={args.scalora_warmup}",
-        f"adapter.relora.restart_every={args.relora_every}", "adapter.relora.rewarmup_steps=5",
-        "output.save_adapter=false", *METHODS[method],
+        f"adapter.relora.restart_every={args.relora_every}",
+        "adapter.relora.rewarmup_steps=5",
+        "output.save_adapter=false",
+        *METHODS[method],
     ]
 
 
@@ -132,12 +151,20 @@ def answers(run_dir: Path, eval_file: Path, n: int) -> tuple[float, list[dict]]:
         ids = prompt_ids(tok, row["prompt"], chat=False)  # as data.format=instruction trains: BOS, the prompt
         new = generate(loaded.model, tok, ids, Sampling(max_new_tokens=12))
         answer = tok.decode(new, skip_special_tokens=True).strip()
-        samples.append({"prompt": row["prompt"], "answer": answer, "reference": row["response"].strip(),
-                        "correct": answer == row["response"].strip()})
+        samples.append(
+            {
+                "prompt": row["prompt"],
+                "answer": answer,
+                "reference": row["response"].strip(),
+                "correct": answer == row["response"].strip(),
+            }
+        )
     return sum(s["correct"] for s in samples) / max(1, len(samples)), samples
 
 
-def continuations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, accuracy_rows: int) -> tuple[float, list[dict]]:
+def continuations(
+    run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, accuracy_rows: int
+) -> tuple[float, list[dict]]:
     """Text task: the merged model's top-1 next-token accuracy over the first `accuracy_rows`
     held-out paragraphs, and its greedy continuations of the first half of the first `n`."""
     import torch
@@ -159,8 +186,13 @@ def continuations(run_dir: Path, eval_file: Path, n: int, max_new_tokens: int, a
         words = text.split()
         prompt = " ".join(words[: len(words) // 2])
         new = generate(model, tok, prompt_ids(tok, prompt, chat=False), Sampling(max_new_tokens=max_new_tokens))
-        samples.append({"prompt": prompt, "answer": tok.decode(new, skip_special_tokens=True),
-                        "reference": " ".join(words[len(words) // 2 :])})
+        samples.append(
+            {
+                "prompt": prompt,
+                "answer": tok.decode(new, skip_special_tokens=True),
+                "reference": " ".join(words[len(words) // 2 :]),
+            }
+        )
     return right / max(1, total), samples
 
 
@@ -207,16 +239,20 @@ def main(argv: list[str] | None = None) -> None:
             for lr in map(float, args.lrs.split(",")):
                 for seed in map(int, args.seeds.split(",")):
                     name = f"{method}_r{rank}-lr{lr:g}-s{seed}"
-                    run_dir = run_cached(args, name, overrides_for(args, args.model, files, method, rank, lr, seed), print)
+                    run_dir = run_cached(
+                        args, name, overrides_for(args, args.model, files, method, rank, lr, seed), print
+                    )
                     summary = summarize_run(run_dir, base_weights)
                     if args.task == "facts" and args.parse_prompts:
                         summary["accuracy"], summary["samples"] = answers(run_dir, files[1], args.parse_prompts)
                     elif args.task == "austen":
                         summary["accuracy"], summary["samples"] = continuations(
-                            run_dir, files[1], args.parse_prompts, args.new_tokens, args.accuracy_rows)
+                            run_dir, files[1], args.parse_prompts, args.new_tokens, args.accuracy_rows
+                        )
                     elif args.parse_prompts:
                         summary["parse_rate"], summary["samples"] = generations(
-                            run_dir, files[1], args.parse_prompts, args.new_tokens)
+                            run_dir, files[1], args.parse_prompts, args.new_tokens
+                        )
                     if summary.get("ranks"):
                         summary["mean_update_rank"] = statistics.fmean(r["rank"] for r in summary["ranks"].values())
                         summary.pop("ranks")  # per layer, in the run's study_done.json; the mean in the report
@@ -230,8 +266,16 @@ def setting(args) -> dict:
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("task", "stdlib"), r["method"], r["rank"], r["lr"], r["seed"], r.get("steps"), r.get("batch_size"),
-            r.get("max_length"))
+    return (
+        r.get("task", "stdlib"),
+        r["method"],
+        r["rank"],
+        r["lr"],
+        r["seed"],
+        r.get("steps"),
+        r.get("batch_size"),
+        r.get("max_length"),
+    )
 
 
 def merged_results(path: Path, new: list[dict]) -> list[dict]:
@@ -242,9 +286,11 @@ def merged_results(path: Path, new: list[dict]) -> list[dict]:
     return [r for r in old if _key(r) not in fresh] + new
 
 
-TITLES = {"stdlib": "stdlib docstring -> function (chat, loss on the answers)",
-          "facts": "facts about made-up people, asked back in an unseen phrasing (Q/A, loss on the answers)",
-          "austen": "Jane Austen's prose (text; Persuasion held out)"}
+TITLES = {
+    "stdlib": "stdlib docstring -> function (chat, loss on the answers)",
+    "facts": "facts about made-up people, asked back in an unseen phrasing (Q/A, loss on the answers)",
+    "austen": "Jane Austen's prose (text; Persuasion held out)",
+}
 
 
 def write_report(args, results: list[dict], wall: float) -> None:
@@ -255,11 +301,13 @@ def write_report(args, results: list[dict], wall: float) -> None:
     metric = {"austen": "next-token accuracy", "facts": "exact answers"}.get(args.task, "parses")
     lines = [
         f"# {'Quick check' if args.quick else 'Study'}: SmolLM2-135M-Instruct, {TITLES[args.task]}",
-        "", f"Rows accumulate over invocations (each run is cached); the last one: `python tools/studies/study_real.py "
+        "",
+        f"Rows accumulate over invocations (each run is cached); the last one: `python tools/studies/study_real.py "
         f"{' '.join(sys.argv[1:])}` ({wall / 60:.1f} min here).",
         f"Cosine with {args.lr_warmup} warm-up steps, clipping 1.0, all-linear; held-out loss at the end; steps x "
         "batch of packed rows x tokens per row in the setting column; rank of ΔW: the mean over the adapted layers "
-        "of the numerical rank of W_final - W_base (where measured).", "",
+        "of the numerical rank of W_final - W_base (where measured).",
+        "",
         f"| method | rank | lr | seed | setting | held-out loss | kappa | column / scalar / skip | rank of ΔW | {metric} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -270,14 +318,23 @@ def write_report(args, results: list[dict], wall: float) -> None:
         shown = f"{100 * value:.{1 if 'accuracy' in r else 0}f}%" if value is not None else "-"
         update_rank = f"{r['mean_update_rank']:.1f}" if r.get("mean_update_rank") is not None else "-"
         where = f"{r.get('steps', '?')} x {r.get('batch_size', '?')} x {r.get('max_length', '?')}"
-        lines.append(f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {where} | {r['final_eval']:.4f} | "
-                     f"{kappa} | {split} | {update_rank} | {shown} |")
+        lines.append(
+            f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['seed']} | {where} | {r['final_eval']:.4f} | "
+            f"{kappa} | {split} | {update_rank} | {shown} |"
+        )
     if not args.quick:
-        lines += ["", "Each method at its best lr (the seed-0 run picks it; mean ± standard deviation over the seeds "
-                  "run there; best first):", "", *headline(results)]
+        lines += [
+            "",
+            "Each method at its best lr (the seed-0 run picks it; mean ± standard deviation over the seeds "
+            "run there; best first):",
+            "",
+            *headline(results),
+        ]
     by_method: dict[str, list[float]] = {}
     for r in results:
-        by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g} ({r.get('steps', '?')} steps)", []).append(r["final_eval"])
+        by_method.setdefault(f"{r['method']} r{r['rank']} lr{r['lr']:g} ({r.get('steps', '?')} steps)", []).append(
+            r["final_eval"]
+        )
     if any(len(v) > 1 for v in by_method.values()):
         lines += ["", "| setting | mean | std | seeds |", "|---|---|---|---|"]
         for k, v in by_method.items():
@@ -285,9 +342,11 @@ def write_report(args, results: list[dict], wall: float) -> None:
             lines.append(f"| {k} | {statistics.fmean(v):.4f} | {std:.4f} | {len(v)} |")
     with_samples = [r for r in results if r.get("samples")]
     if with_samples:
-        what = (f"Greedy continuations of the first half of held-out paragraphs ({args.new_tokens} new tokens)"
-                if args.task == "austen" else
-                f"Greedy answers to the first held-out prompts ({args.new_tokens} new tokens at most)")
+        what = (
+            f"Greedy continuations of the first half of held-out paragraphs ({args.new_tokens} new tokens)"
+            if args.task == "austen"
+            else f"Greedy answers to the first held-out prompts ({args.new_tokens} new tokens at most)"
+        )
         lines += ["", f"{what}, side by side:"]
         for i, first in enumerate(with_samples[0]["samples"][:3]):
             reference = first["reference"] if args.task == "austen" else f"```python\n{first['reference']}\n```"
@@ -296,8 +355,10 @@ def write_report(args, results: list[dict], wall: float) -> None:
                 if i < len(r["samples"]):
                     sample = r["samples"][i]
                     tag = "" if "parses" not in sample else f" ({'parses' if sample['parses'] else 'does not parse'})"
-                    lines += [f"{r['method']} r{r['rank']} lr{r['lr']:g}{tag}:",
-                              f"````\n{sample['answer'].strip()}\n````"]  # answers hold ``` fences
+                    lines += [
+                        f"{r['method']} r{r['rank']} lr{r['lr']:g}{tag}:",
+                        f"````\n{sample['answer'].strip()}\n````",
+                    ]  # answers hold ``` fences
     if not args.quick:
         lines += ["", *(f"![{path.stem}]({path.name})" for path in make_plots(results, args.out_dir / name))]
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -334,8 +395,10 @@ def headline(results: list[dict]) -> list[str]:
     """The report's headline table: each (method, rank) at its best lr, over the runs of the
     longest setting."""
     results = longest_setting(results)
-    lines = ["| method | r | lrs tried | best lr | held-out loss | seed 0 | seeds | kappa | column / scalar / skip | rank of ΔW |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | r | lrs tried | best lr | held-out loss | seed 0 | seeds | kappa | column / scalar / skip | rank of ΔW |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = []
     for (method, rank), (lr, losses) in best_rows(results).items():
         runs = [r for r in results if (r["method"], r["rank"], r["lr"]) == (method, rank, lr)]
@@ -346,10 +409,15 @@ def headline(results: list[dict]) -> list[str]:
         kappas = [r["kappa"] for r in runs if r.get("kappa")]
         split = refactor_split({k: sum(r["refactor"][k] for r in runs) for k in ("column", "scalar", "skipped")})
         ranks = [r["mean_update_rank"] for r in runs if r.get("mean_update_rank") is not None]
-        rows.append((mean, f"| {method} | {'-' if method == 'full' else rank} | {', '.join(f'{x:g}' for x in tried)} | "
-                           f"{lr:g} | {mean:.4f}{spread} | {seed0:.4f} | {len(losses)} | "
-                           f"{f'{statistics.fmean(kappas):.3g}' if kappas else '-'} | {split} | "
-                           f"{f'{statistics.fmean(ranks):.1f}' if ranks else '-'} |"))
+        rows.append(
+            (
+                mean,
+                f"| {method} | {'-' if method == 'full' else rank} | {', '.join(f'{x:g}' for x in tried)} | "
+                f"{lr:g} | {mean:.4f}{spread} | {seed0:.4f} | {len(losses)} | "
+                f"{f'{statistics.fmean(kappas):.3g}' if kappas else '-'} | {split} | "
+                f"{f'{statistics.fmean(ranks):.1f}' if ranks else '-'} |",
+            )
+        )
     return lines + [line for _, line in sorted(rows)]
 
 
@@ -373,8 +441,11 @@ def make_plots(results: list[dict], prefix: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(ranks), figsize=(5 * len(ranks), 3.4), squeeze=False, sharey=True)
     for ax, rank in zip(axes[0], ranks):
         for method in [m for m in dict.fromkeys(r["method"] for r in results) if m in SWEPT]:
-            runs = sorted((r["lr"], r["final_eval"]) for r in results
-                          if r["method"] == method and r["rank"] == rank and r["seed"] == 0)
+            runs = sorted(
+                (r["lr"], r["final_eval"])
+                for r in results
+                if r["method"] == method and r["rank"] == rank and r["seed"] == 0
+            )
             if runs:
                 ax.plot(*zip(*runs), "o-", label=method)
         ax.set_xscale("log")
@@ -392,12 +463,19 @@ def make_plots(results: list[dict], prefix: Path) -> list[Path]:
     plt.close(fig)
     best = sorted(best_rows(results).items(), key=lambda kv: (kv[0][1], kv[0][0]))
     fig, ax = plt.subplots(figsize=(max(5, 0.75 * len(best)), 3.4))
-    labels = [(m if m == "full" else f"{m} r{r}") + f"\nlr {lr:g}" + (f"\n{len(v)} seeds" if len(v) > 1 else "")
-              for (m, r), (lr, v) in best]
+    labels = [
+        (m if m == "full" else f"{m} r{r}") + f"\nlr {lr:g}" + (f"\n{len(v)} seeds" if len(v) > 1 else "")
+        for (m, r), (lr, v) in best
+    ]
     means = [sum(v) / len(v) for _, (_, v) in best]
     stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, (_, v) in best]
-    ax.bar(range(len(best)), means, yerr=stds, capsize=3, color=["C2" if m.startswith("scalora") else "C0"
-                                                                 for (m, _), _ in best])
+    ax.bar(
+        range(len(best)),
+        means,
+        yerr=stds,
+        capsize=3,
+        color=["C2" if m.startswith("scalora") else "C0" for (m, _), _ in best],
+    )
     ax.set_xticks(range(len(best)), labels, fontsize=6, rotation=35, ha="right")
     ax.set_ylim(min(means) - 2 * max(stds + [0.005]), max(means) + 2 * max(stds + [0.005]))
     ax.set_ylabel("held-out loss (lower is better)")
