@@ -118,9 +118,11 @@ def test_a_head_with_a_bias_is_refused_with_the_key_to_turn_it_off(tiny_llama):
 def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_llama, tmp_path):
     """2 ranks (the tied head all-gathered by FSDP2), checkpointed blocks: the chunked loss
     through each kernel (16-position chunks for ours) and transformers' plain loss log the same
-    losses and merge the same model (float32: measured 4e-8 and 0 for ours when this was
-    written). With the blocks' saved inputs offloaded to host copies (model.offload_activations)
-    our kernel's run is the same bit for bit."""
+    losses and merge the same model (float32: ours bit for bit, 0; Liger's kernels sum in
+    another order, and after 6 AdamW steps the weights differ by 1.2e-6 relative on an AMD
+    EPYC, 4e-8 on the Intel CPU this was first measured on). With the blocks' saved inputs
+    offloaded to host copies (model.offload_activations) our kernel's run is the same bit for
+    bit."""
     checkpointed = "model.gradient_checkpointing=true"
     plain = tmp_path / "plain"
     assert_ok(train_job(tiny_llama, plain, 2, checkpointed, "model.chunked_loss=false"))
@@ -134,7 +136,7 @@ def test_chunked_and_plain_loss_train_the_same_model_on_two_fsdp2_ranks(tiny_lla
         assert a.keys() == b.keys()
         for step in a:
             assert a[step] == pytest.approx(b[step], rel=1e-6), (kernel, step)
-        assert_same_weights(merged_weights(chunked), merged_weights(plain), tol=1e-6)
+        assert_same_weights(merged_weights(chunked), merged_weights(plain), tol=1e-6 if kernel == "torch" else 1e-5)
     offloaded = tmp_path / "torch-offloaded"
     assert_ok(
         train_job(

@@ -60,7 +60,7 @@ def test_text_jsonl(tmp_path, tok):
     f = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "id": i} for i, t in enumerate(TEXTS)])
     ds = load_split(DataConfig(), tok, [str(f)])
     assert isinstance(ds, datasets.Dataset)
-    assert ds.column_names == ["input_ids", "labels"]
+    assert ds.column_names == ["input_ids", "labels", "length"]  # length: before any truncation
     assert len(ds) == len(TEXTS)
     for (ids, labels), text in zip(rows(ds), TEXTS):
         assert ids == [tok.bos_token_id] + enc(tok, text) + [tok.eos_token_id]
@@ -471,7 +471,7 @@ def test_quickstart_data_is_reproducible_and_loads(tok):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("mkdata", root / "tools" / "make_quickstart_data.py")
+    spec = importlib.util.spec_from_file_location("mkdata", root / "tools" / "generators" / "make_quickstart_data.py")
     mkdata = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mkdata)
     train_file = root / "configs" / "data" / "quickstart_train.jsonl"

@@ -115,7 +115,6 @@ def local_block(full: torch.Tensor, offsets: tuple[int, ...], shape: torch.Size)
     return full[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
 
 
-@torch.no_grad()
 def record_weight_conversions(model: nn.Module, conversions: list) -> None:
     """Keep on the model the key conversions its weights were read through, where
     transformers' own `from_pretrained` keeps them (`model._weight_conversions`): that
@@ -125,6 +124,7 @@ def record_weight_conversions(model: nn.Module, conversions: list) -> None:
     model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
+@torch.no_grad()
 def load_checkpoint_weights(model: nn.Module, model_dir: Path, conversions: list) -> set[str]:
     """Fill the model's parameters and persistent buffers from the checkpoint, each rank
     its own block; returns the model keys that were filled. Unknown checkpoint tensors are
