@@ -77,8 +77,8 @@ def no_moment_transfer():
 
 
 def heldout_loss(run, batches) -> float:
-    from scalora_dist.inference import move_to
     from scalora_dist.data import count_tokens, model_inputs
+    from scalora_dist.inference import move_to
 
     run.model.eval()
     total = n = 0.0
@@ -112,8 +112,8 @@ def matched_kappa(run, layers: dict, kappa: float, clip: float) -> float:
     diag(alpha) U_B^T: linear in the scales, which grow with sqrt(kappa). Balancing the
     factors (what the refactor does) shrinks it whenever LoRA's factors are unbalanced; this
     kappa undoes that shrink, measured on the whole model (one number)."""
-    from scalora_dist.scalora.refactor import solve_all
     from scalora_dist.scalora import scaling as sm
+    from scalora_dist.scalora.refactor import solve_all
 
     lora_sq = sca_sq = 0.0
     for layer in layers.values():
@@ -158,10 +158,12 @@ def one_step(run, step: int, variant: str, base_kappa_cfg, g_store: dict | None)
             cfg.kappa_multiplier = 4.0
         scalora = ScaLoRA(cfg, list(layers.values()), run.optimizer, lr_multiplier=run.scheduler.lr_lambdas[0])
         if variant == "scalora_step_matched":
-            from scalora_dist.scalora.refactor import auto_kappa
             from scalora_dist.scalora import scaling as sm
+            from scalora_dist.scalora.refactor import auto_kappa
 
-            grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale)[:2] for l in layers.values()]
+            grams = [
+                sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale)[:2] for l in layers.values()
+            ]
             kappa = auto_kappa([(P.double(), Q.double()) for P, Q in grams], scalora.lr_fraction(step))
             clip = min(1.0, max_norm / (norm_before + 1e-6)) if max_norm else 1.0
             scalora.kappa = matched_kappa(run, layers, kappa, clip)
@@ -252,7 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     a("--lr-warmup", type=int, default=10)
     args = ap.parse_args(argv)
     if args.quick:
-        args.at, args.steps, args.batch_size, args.max_length, args.lr_warmup, args.heldout_batches = "1,2", 3, 1, 64, 1, 1
+        args.at, args.steps, args.batch_size, args.max_length, args.lr_warmup, args.heldout_batches = (
+            "1,2",
+            3,
+            1,
+            64,
+            1,
+            1,
+        )
     import study_real
     from real_models import checkpoint
 
@@ -260,8 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     from scalora_dist.train import setup, train_step
 
     study_args = argparse.Namespace(
-        task=args.task, max_length=args.max_length, batch_size=args.batch_size, steps=args.steps,
-        lr_warmup=args.lr_warmup, scalora_warmup=10, relora_every=20, eval_every=0, eval_batches=0,
+        task=args.task,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr_warmup=args.lr_warmup,
+        scalora_warmup=10,
+        relora_every=20,
+        eval_every=0,
+        eval_batches=0,
     )
     files = study_real.task_files(args.work_dir, args.task)
     overrides = study_real.overrides_for(study_args, checkpoint(), files, "lora", args.rank, args.lr, 0)
@@ -288,12 +304,14 @@ def write_report(args, rows: list[dict], variants: list[str], wall: float, argv)
     command = "python tools/studies/one_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"# One LoRA step against one ScaLoRA step from the same state ({args.task}, LoRA r {args.rank}, "
-        f"lr {args.lr:g})", "",
+        f"lr {args.lr:g})",
+        "",
         f"`{command}` ({wall / 60:.1f} min). Each row: from the LoRA run's state after `step` steps, one step "
         "of each variant on the same batch. Held-out drop: the loss on fixed held-out batches before minus "
         "after (higher is better). Step norm: ||dW|| over every adapted layer (the effective weights "
         "W0 + s B A). Ratio: the median layer's ||dW|| over LoRA's. cos: with -G, the full fine-tuning "
-        "gradient direction. Balance: median ||a_i|| / ||b_i||.", "",
+        "gradient direction. Balance: median ||a_i|| / ||b_i||.",
+        "",
         "| step | balance | variant | held-out drop | step norm | layer ratio | cos with -G | mean alpha, beta | kappa |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -303,8 +321,10 @@ def write_report(args, rows: list[dict], variants: list[str], wall: float, argv)
             ab = f"{r['mean_alpha']:.3g}, {r['mean_beta']:.3g}" if r["mean_alpha"] is not None else "-"
             kappa = f"{r['kappa']:.3g}" if r["kappa"] is not None else "-"
             ratio = f"{r['median_layer_step_ratio_to_lora']:.3f}" if r["median_layer_step_ratio_to_lora"] else "-"
-            lines.append(f"| {row['step']} | {row['balance']:.3g} | {v} | {r['heldout_drop']:.5f} | "
-                         f"{r['step_norm']:.4g} | {ratio} | {r['cos_with_minus_G']:.4f} | {ab} | {kappa} |")
+            lines.append(
+                f"| {row['step']} | {row['balance']:.3g} | {v} | {r['heldout_drop']:.5f} | "
+                f"{r['step_norm']:.4g} | {ratio} | {r['cos_with_minus_G']:.4f} | {ab} | {kappa} |"
+            )
     (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
