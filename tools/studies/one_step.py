@@ -166,7 +166,8 @@ def one_step(run, step: int, variant: str, base_kappa_cfg, g_store: dict | None)
             ]
             kappa = auto_kappa([(P.double(), Q.double()) for P, Q in grams], scalora.lr_fraction(step))
             clip = min(1.0, max_norm / (norm_before + 1e-6)) if max_norm else 1.0
-            scalora.kappa = matched_kappa(run, layers, kappa, clip)
+            if kappa is not None:  # None: the adapters are still zero, nothing to match
+                scalora.kappa = matched_kappa(run, layers, kappa, clip)
         if variant == "scalora_no_transfer":
             with no_moment_transfer():
                 report = scalora.refactor(step)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     a("--heldout-batches", type=int, default=4)
     a("--work-dir", type=Path, default=Path("runs/one-step"))
     a("--out-dir", type=Path, default=Path("tools/studies/results"))
-    a("--quick", action="store_true", help="2 steps at 1 and 2, rows of 64 tokens: the code path only")
+    a("--quick", action="store_true", help="steps 2 and 3 of one row of 64 tokens: the code path only")
     # the study's setting (study_real.py's flags, with the facts task's values)
     a("--steps", type=int, default=200)
     a("--batch-size", type=int, default=4)
