@@ -255,14 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     a("--lr-warmup", type=int, default=10)
     args = ap.parse_args(argv)
     if args.quick:
-        args.at, args.steps, args.batch_size, args.max_length, args.lr_warmup, args.heldout_batches = (
-            "1,2",
-            3,
-            1,
-            64,
-            1,
-            1,
-        )
+        args.at, args.steps, args.lr_warmup = "2,3", 4, 1
+        args.batch_size, args.max_length, args.heldout_batches = 1, 64, 1
     import study_real
     from real_models import checkpoint
 
