@@ -106,6 +106,20 @@ class ScaLoRAConfig:
     warmup_steps: int = 10
     """Plain LoRA steps before the first refactor (the zero-initialised lora_B makes the
     scaling system singular at first)."""
+    kappa_schedule: Literal["constant", "inverse_lr", "reestimate"] = "constant"
+    """How kappa moves after it is resolved. `constant`: as resolved at the first refactor
+    (times kappa_multiplier). `inverse_lr`: the paper's 1/(L eta_t) with the step's own
+    learning rate, kappa * lr_peak / lr_t, capped at 10x (a decay to 0 stays finite).
+    `reestimate`: kappa: auto taken again at every refactor from the columns as they are then
+    (alpha * beta about 1 on average: the adapter grows as LoRA's does)."""
+    column_fallback: Literal["scalar", "nnls"] = "scalar"
+    """A layer whose column system has no positive solution (or is singular or ill-
+    conditioned): one shared scale pair for it (`scalar`), or the system's non-negative
+    least-squares optimum with every new column at least 0.1 sqrt(kappa) long (`nnls`)."""
+    scalar_fallback: Literal["skip", "boundary"] = "skip"
+    """A layer whose shared-scale system fails too: left as it is for this step (`skip`), or
+    its optimum with one of the two shared scales at 0 (`boundary`: that factor is merged into
+    the base whole and restarts from zero), when that beats skipping."""
 
 
 @dataclass
@@ -450,6 +464,11 @@ def validate(config: Config) -> None:
     s = a.scalora
     _positive("adapter.scalora.interval", s.interval)
     _positive("adapter.scalora.kappa_multiplier", s.kappa_multiplier)
+    if s.kappa_schedule == "reestimate" and s.kappa != "auto":
+        raise ConfigError(
+            f"adapter.scalora.kappa_schedule: reestimate takes kappa again from the columns at every refactor, "
+            f"which needs adapter.scalora.kappa: auto (it is {s.kappa})"
+        )
     if s.kappa != "auto":
         _positive("adapter.scalora.kappa", s.kappa)
         if s.kappa_scope != "global":

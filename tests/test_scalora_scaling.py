@@ -529,3 +529,67 @@ def test_batched_refactor_of_a_real_model_equals_the_layer_by_layer_rewrite(tiny
     for pa, pb in zip(opt.param_groups[0]["params"], twin_opt.param_groups[0]["params"]):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[pa][key], twin_opt.state[pb][key])
+
+
+def _negative_column_layer(seed_range=range(400), scalar_ok=True):
+    """A small random layer whose column optimum has a negative entry (and whose scalar
+    optimum is positive, or not, as asked)."""
+    s, kappa = 2.0, 1.3
+    for seed in seed_range:
+        _, lora_A, lora_B, G = make_layer(8, 6, 4, seed)
+        A, B, _, _ = paper(G, lora_A, lora_B, s)
+        if (brute_column(G, A, B, kappa) < 0).any() and ((brute_scalar(G, A, B, kappa) > 0).all() == scalar_ok):
+            gA, gB = lora_grads(G, lora_A, lora_B, s)
+            return G, A, B, lora_grams(lora_A, gA, lora_B, gB, s), kappa
+    pytest.fail("no such seed")
+
+
+def test_rejections_name_why_the_column_system_was_not_used():
+    *_, grams, kappa = _negative_column_layer()
+    assert solve_scales(*grams, kappa).rejected == "negative"
+    _, lora_A, lora_B, G = make_layer(10, 8, 2, 3)
+    lora_A[1], lora_B[:, 1] = lora_A[0], lora_B[:, 0]  # two equal column pairs: K singular
+    gA, gB = lora_grads(G, lora_A, lora_B, 0.5)
+    assert solve_scales(*lora_grams(lora_A, gA, lora_B, gB, 0.5), 1.1).rejected in ("not_pd", "ill_conditioned")
+    gA[0, 0] = float("nan")
+    assert solve_scales(*lora_grams(lora_A, gA, lora_B, gB, 0.5), 1.1).rejected == "nonfinite"
+    _, lora_A, lora_B, G = make_layer(40, 30, 2, 1)
+    gA, gB = lora_grads(G, lora_A, lora_B, 0.5)
+    assert solve_scales(*lora_grams(lora_A, gA, lora_B, gB, 0.5), 1.1).rejected is None
+
+
+def test_nnls_fallback_is_the_floored_non_negative_least_squares_optimum():
+    """column_fallback nnls against scipy's bounded least squares on the dense float64 design:
+    min ||D x - kappa vec(G)|| over x = [alpha^2; beta^2] >= kappa * floor / ||column||^2."""
+    lsq_linear = pytest.importorskip("scipy.optimize").lsq_linear
+    G, A, B, grams, kappa = _negative_column_layer()
+    sc = solve_scales(*grams, kappa, column_fallback="nnls")
+    assert sc.kind == COLUMN and sc.rejected == "negative"
+    norms_sq = torch.cat([A.norm(dim=0) ** 2, B.norm(dim=0) ** 2])
+    lower = kappa * sm.NNLS_FLOOR / norms_sq
+    D, y = design(G, A, B), kappa * G.flatten()
+    ref = torch.from_numpy(lsq_linear(D.numpy(), y.numpy(), bounds=(lower.numpy(), math.inf), tol=1e-14).x)
+    assert (squares(sc) >= lower * (1 - 1e-9)).all()
+    assert objective(D, squares(sc), y) <= objective(D, ref, y) * (1 + 1e-9)
+    torch.testing.assert_close(squares(sc), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_boundary_scalar_fallback_takes_the_better_axis_optimum_over_skipping():
+    G, A, B, grams, kappa = _negative_column_layer(range(2000), scalar_ok=False)
+    assert solve_scales(*grams, kappa).kind == SKIPPED
+    sc = solve_scales(*grams, kappa, scalar_fallback="boundary")
+    D, y = design(G, A, B), kappa * G.flatten()
+    r = A.shape[1]
+    D2 = torch.stack([D[:, :r].sum(1), D[:, r:].sum(1)], 1)
+    candidates = [torch.tensor([1.0, 1.0])]  # skipping: alpha = beta = 1
+    for i in range(2):
+        x = torch.zeros(2, dtype=F64)
+        x[i] = (D2[:, i] @ y) / (D2[:, i] @ D2[:, i])
+        if x[i] > 0:
+            candidates.append(x)
+    best = min(candidates, key=lambda x: objective(D2, x.to(F64), y))
+    if best is candidates[0]:
+        assert sc.kind == SKIPPED
+    else:
+        assert sc.kind == SCALAR
+        torch.testing.assert_close(torch.stack([sc.alpha[0] ** 2, sc.beta[0] ** 2]), best, rtol=1e-6, atol=1e-12)

@@ -399,3 +399,48 @@ def test_cli_bad_model_and_targets(tiny_llama, tmp_path):
     proc = _cli_train(f"model.path={tiny_llama}", "adapter.target_modules=[qkv_proj]", f"output.dir={tmp_path}/o")
     assert proc.returncode == 2
     assert "adapter.target_modules: 'qkv_proj' matches no module" in proc.stderr
+
+
+def test_kappa_schedules_inverse_lr_and_reestimate(tiny_llama, tmp_path):
+    """kappa_schedule inverse_lr: every refactor's kappa is the first one's times the peak lr
+    over that step's lr (at most 10x); reestimate: every refactor takes kappa: auto again
+    from the columns as they are (the raw mean of ||a_i|| ||b_i||, no warm-up correction)."""
+    from scalora_dist.scalora import scaling as sm
+    from scalora_dist.scalora.refactor import KAPPA_SCHEDULE_CAP, auto_kappa
+
+    def kappas(name, schedule, steps=8):
+        cfg = _config(
+            tiny_llama,
+            tmp_path / name,
+            "adapter.scalora.warmup_steps=2",
+            f"train.max_steps={steps}",
+            "train.lr_scheduler=cosine",
+            "train.warmup_steps=0",
+            f"adapter.scalora.kappa_schedule={schedule}",
+        )
+        run = setup(cfg)
+        seen = []
+        layers = list(lora_layers(run.model).values())
+        original = run.scalora.refactor
+
+        def refactor(step):
+            grams = [sm.lora_grams(l.lora_A, l.lora_A.grad, l.lora_B, l.lora_B.grad, l.scale)[:2] for l in layers]
+            report = original(step)
+            seen.append((step, report.kappa, auto_kappa([(P.double(), Q.double()) for P, Q in grams])))
+            return report
+
+        run.scalora.refactor = refactor
+        for step in range(steps):
+            train_step(run, step)
+        return run, seen
+
+    run, seen = kappas("inverse", "inverse_lr")
+    first = seen[0][1] / run.scalora.schedule_factor(seen[0][0])
+    for step, kappa, _ in seen:
+        factor = min(KAPPA_SCHEDULE_CAP, 1 / max(run.scheduler.lr_lambdas[0](step), 1 / KAPPA_SCHEDULE_CAP))
+        assert kappa == pytest.approx(first * factor, rel=1e-12)
+    assert seen[-1][1] > 1.5 * seen[0][1]  # the cosine decay grew it
+    _, seen = kappas("reestimate", "reestimate")
+    for step, kappa, current in seen[1:]:
+        assert kappa == pytest.approx(current, rel=1e-9)  # taken again from the columns now
+    assert len({round(k, 12) for _, k, _ in seen}) == len(seen)  # it moves

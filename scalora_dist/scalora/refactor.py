@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -43,6 +43,8 @@ class RefactorReport:
     """4-bit bases: squared Frobenius norm of this step's merged increments (all layers)."""
     dropped_norm_sq: float = 0.0
     """4-bit bases: squared Frobenius norm of what re-compressing the accumulators dropped."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Why column systems were rejected this step (scaling.REJECTIONS), layer counts."""
 
     @property
     def dropped_fraction(self) -> float | None:
@@ -70,11 +72,16 @@ class RefactorReport:
                 "dropped_norm_sq",
             )
         }
+        rejected: dict[str, int] = {}
+        for r in reports:
+            for why, n in r.rejected.items():
+                rejected[why] = rejected.get(why, 0) + n
         return cls(
             **summed,
             mean_alpha=sum(alphas) / len(alphas) if alphas else None,
             mean_beta=sum(betas) / len(betas) if betas else None,
             kappa=reports[-1].kappa if reports else None,
+            rejected=rejected,
         )
 
     def as_metrics(self) -> dict[str, float | int | None]:
@@ -90,12 +97,18 @@ class RefactorReport:
             "scalora_gathered_bytes": self.gathered_bytes,
             "scalora_collectives": self.collectives,
         }
+        for why in sm.REJECTIONS:
+            if self.rejected.get(why):
+                metrics[f"scalora_rejected_{why}"] = self.rejected[why]
         if self.dropped_fraction is not None:
             metrics["scalora_acc_dropped_fraction"] = self.dropped_fraction
         return metrics
 
 
 AllReduce = Callable[[torch.Tensor], None]
+
+KAPPA_SCHEDULE_CAP = 10.0
+"""kappa_schedule inverse_lr grows kappa at most this much (the end of a decay to 0)."""
 
 
 class ScaLoRA:
@@ -193,19 +206,26 @@ class ScaLoRA:
         # numbers, so every rank takes the same decisions by construction.
         stats = _unflatten(flat[:n_stats].cpu(), stats)
         grams = [(P, Q) for P, Q, *_ in stats]
-        if self.kappa is None:
-            self.kappa = self._resolve_auto_kappa(layers, grams, step)
+        if self.kappa is None or (self.cfg.kappa_schedule == "reestimate" and self.cfg.kappa == "auto"):
+            resolved = self._resolve_auto_kappa(layers, grams, step if self.kappa is None else None)
+            self.kappa = resolved if resolved is not None else self.kappa
             if self.kappa is None:  # adapters still all zero: nothing to scale yet
                 report.skipped = len(self.layers)
                 return report
+        factor = self.cfg.kappa_multiplier * self.schedule_factor(step)
         if isinstance(self.kappa, list):
-            kappa = [self.kappa[self._position[id(l)]] * self.cfg.kappa_multiplier for l in layers]
+            kappa = [self.kappa[self._position[id(l)]] * factor for l in layers]
             report.kappa = sum(kappa) / len(kappa)
         else:
-            kappa = self.kappa * self.cfg.kappa_multiplier
+            kappa = self.kappa * factor
             report.kappa = kappa
         report.skipped = len(self.layers) - len(layers)
-        solved = solve_all(grams, kappa)
+        solved = solve_all(
+            grams, kappa, column_fallback=self.cfg.column_fallback, scalar_fallback=self.cfg.scalar_fallback
+        )
+        for scales in solved:
+            if scales.rejected is not None:
+                report.rejected[scales.rejected] = report.rejected.get(scales.rejected, 0) + 1
         kept = [(i, scales) for i, scales in enumerate(solved) if scales.kind != sm.SKIPPED]
         report.skipped += len(solved) - len(kept)
         report.column = sum(scales.kind == sm.COLUMN for _, scales in kept)
@@ -241,6 +261,12 @@ class ScaLoRA:
             return common
         own = {id(layer): auto_kappa([g], fraction) for layer, g in zip(layers, grams)}
         return [own.get(id(layer)) or common for layer in self.layers]
+
+    def schedule_factor(self, step: int | None) -> float:
+        """kappa_schedule inverse_lr: lr_peak / lr of this step, at most KAPPA_SCHEDULE_CAP; 1 otherwise."""
+        if self.cfg.kappa_schedule != "inverse_lr" or self.lr_multiplier is None or step is None:
+            return 1.0
+        return min(KAPPA_SCHEDULE_CAP, 1.0 / max(self.lr_multiplier(step), 1.0 / KAPPA_SCHEDULE_CAP))
 
     def lr_fraction(self, step: int | None) -> float:
         """Mean learning rate of the steps taken so far, as a fraction of the peak."""
@@ -340,9 +366,12 @@ class ScaLoRA:
             sm.merge_increment_(local_tensor(layer.weight), full_A, full_B, layer.scale, scales)
 
 
-def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float | list[float]) -> list[sm.Scales]:
+def solve_all(
+    grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float | list[float], **fallbacks: str
+) -> list[sm.Scales]:
     """Every layer's scales, the systems of each rank solved together (sm.solve_scales_batch);
-    `kappa`: one for all, or one per layer."""
+    `kappa`: one for all, or one per layer; `fallbacks`: solve_scales_batch's column_fallback
+    and scalar_fallback."""
     solved: list[sm.Scales | None] = [None] * len(grams)
     by_rank: dict[int, list[int]] = {}
     for i, (P, _) in enumerate(grams):
@@ -351,7 +380,9 @@ def solve_all(grams: list[tuple[torch.Tensor, torch.Tensor]], kappa: float | lis
         P = torch.stack([grams[i][0] for i in indices])
         Q = torch.stack([grams[i][1] for i in indices])
         kappas = kappa if isinstance(kappa, (int, float)) else [kappa[i] for i in indices]
-        for i, scales in zip(indices, sm.solve_scales_batch(P, Q, kappas)):  # (looked up here: tools may replace it)
+        for i, scales in zip(
+            indices, sm.solve_scales_batch(P, Q, kappas, **fallbacks)
+        ):  # (looked up here: tools may replace it)
             solved[i] = scales
     return solved
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,6 +29,8 @@ class Scales:
     alpha: torch.Tensor  # (r,) float64, scales columns of A (= columns of lora_B)
     beta: torch.Tensor  # (r,) float64, scales columns of B (= rows of lora_A)
     kind: str  # COLUMN | SCALAR | SKIPPED  (SKIPPED => alpha = beta = ones)
+    rejected: str | None = None
+    """Why the column system was not solved as it stands (REJECTIONS), None when it was."""
 
 
 def lora_grams(
@@ -72,78 +73,97 @@ def column_scaling_system(P: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tenso
     return K, lam
 
 
-def _solve_psd(M: torch.Tensor, rhs: torch.Tensor, ridge: float, max_condition: float) -> Optional[torch.Tensor]:
-    """Positive solution of the symmetric PSD system M x = rhs, or None if there is none we trust."""
-    if not (torch.isfinite(M).all() and torch.isfinite(rhs).all()):
-        return None
-    try:
-        eig = torch.linalg.eigvalsh(M)
-        if not eig[0] > 0 or eig[-1] > max_condition * eig[0]:
-            return None
-        shift = ridge * torch.trace(M) / M.shape[0]
-        eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-        x = torch.linalg.solve(M + shift * eye, rhs)
-    except RuntimeError:  # LinAlgError is a RuntimeError; degenerate input must not raise
-        return None
-    if not (torch.isfinite(x).all() and (x > 0).all()):
-        return None
-    return x
+REJECTIONS = ("nonfinite", "not_pd", "ill_conditioned", "negative")
+"""Why a layer's column system was not used: its statistics are not finite; K is not
+positive definite (a rank-deficient adapter, e.g. two collinear columns); K is worse
+conditioned than `max_condition`; or its solution has an entry <= 0 (no real scales)."""
 
-
-def solve_scales(
-    P: torch.Tensor,
-    Q: torch.Tensor,
-    kappa: float,
-    *,
-    ridge: float = 1e-12,
-    max_condition: float = 1e12,
-) -> Scales:
-    """Least-squares optimal column scaling (closed form), else one shared scalar pair, else skip.
-
-    The unconstrained optimum of [alpha^2; beta^2] is kappa * K^{-1} lam; when it is positive it
-    is also the constrained optimum. Degenerate input (zeros, NaN, inf) yields SKIPPED.
-    """
-    if not (math.isfinite(kappa) and kappa > 0):
-        raise ValueError(f"kappa must be positive and finite, got {kappa}")
-    r = P.shape[0] // 2
-    P = P.to(torch.float64)
-    Q = Q.to(torch.float64)
-    K, lam = column_scaling_system(P, Q)
-    v = _solve_psd(K, lam, ridge, max_condition)
-    if v is not None:
-        return Scales((kappa * v[:r]).sqrt(), (kappa * v[r:]).sqrt(), COLUMN)
-    # Scalar fallback: the same least squares restricted to alpha_i = a, beta_j = b.
-    K2 = torch.stack(
-        [
-            torch.stack([K[:r, :r].sum(), K[:r, r:].sum()]),
-            torch.stack([K[r:, :r].sum(), K[r:, r:].sum()]),
-        ]
-    )
-    lam2 = torch.stack([lam[:r].sum(), lam[r:].sum()])
-    ab = _solve_psd(K2, lam2, ridge, max_condition)
-    ones = torch.ones(r, dtype=torch.float64, device=P.device)
-    if ab is not None:
-        return Scales((kappa * ab[0]).sqrt() * ones, (kappa * ab[1]).sqrt() * ones, SCALAR)
-    return Scales(ones, ones.clone(), SKIPPED)
+NNLS_FLOOR = 0.01
+"""column_fallback nnls: the non-negative optimum with v_i >= NNLS_FLOOR / ||column_i||^2,
+so no new column is shorter than sqrt(NNLS_FLOOR * kappa) (a zero pair would never train
+again; tools/studies/results/study_investigation.md measured 0.01 to cost almost nothing)."""
 
 
 def _solve_psd_batch(
     M: torch.Tensor, rhs: torch.Tensor, ridge: float, max_condition: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """_solve_psd for a batch (B, n, n) of systems at once: (x (B, n), trusted (B,)). The
-    same LAPACK routines per matrix, so each x equals the one-at-a-time result."""
+) -> tuple[torch.Tensor, torch.Tensor, list[str | None]]:
+    """Positive solutions of a batch (B, n, n) of symmetric PSD systems M x = rhs: (x (B, n),
+    trusted (B,), why each untrusted one was rejected (REJECTIONS), None where trusted)."""
     n = M.shape[-1]
     eye = torch.eye(n, dtype=M.dtype, device=M.device)
     finite = torch.isfinite(M).flatten(1).all(1) & torch.isfinite(rhs).all(1)
     M = torch.where(finite[:, None, None], M, eye)  # placeholders keep the batch solvable
     rhs = torch.where(finite[:, None], rhs, torch.ones_like(rhs))
     eig = torch.linalg.eigvalsh(M)
-    trusted = finite & (eig[:, 0] > 0) & ~(eig[:, -1] > max_condition * eig[:, 0])
+    pd = eig[:, 0] > 0
+    conditioned = ~(eig[:, -1] > max_condition * eig[:, 0])
+    trusted = finite & pd & conditioned
     shift = torch.stack([ridge * torch.trace(m) / n for m in M])
     system = torch.where(trusted[:, None, None], M + shift[:, None, None] * eye, eye)
     x = torch.linalg.solve(system, rhs)
-    trusted &= torch.isfinite(x).all(1) & (x > 0).all(1)
-    return x, trusted
+    positive = torch.isfinite(x).all(1) & (x > 0).all(1)
+    why = [
+        None if t and p else "nonfinite" if not f else "not_pd" if not d else "ill_conditioned" if not c else "negative"
+        for t, p, f, d, c in zip(
+            trusted.tolist(), positive.tolist(), finite.tolist(), pd.tolist(), conditioned.tolist()
+        )
+    ]
+    return x, trusted & positive, why
+
+
+def nnls_gram(K: torch.Tensor, lam: torch.Tensor, lower: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+    """argmin over v >= lower of v^T K v - 2 lam^T v (K symmetric PSD, float64): the
+    Lawson-Hanson active set on the Gram form, in w = v - lower >= 0 (linear term
+    lam - K lower). Each passive-set solve takes the same tiny relative ridge as the column
+    solve, so a singular K still has an answer."""
+    n = lam.numel()
+    b = lam - K @ lower
+    Kr = K + ridge * torch.trace(K) / n * torch.eye(n, dtype=K.dtype)
+    x = torch.zeros_like(lam)
+    passive = torch.zeros(n, dtype=torch.bool)
+    blocked = torch.zeros(n, dtype=torch.bool)  # entered and left at once (degenerate): not again
+    tol = 1e-12 * max(b.abs().max().item(), 1e-300) * n
+    for _ in range(10 * n):
+        w = b - Kr @ x
+        candidates = (~passive) & (~blocked) & (w > tol)
+        if not candidates.any():
+            break
+        j = int(torch.where(candidates, w, torch.full_like(w, -math.inf)).argmax())
+        passive[j] = True
+        for _ in range(10 * n):
+            idx = passive.nonzero().flatten()
+            trial = torch.zeros_like(x)
+            trial[idx] = torch.linalg.solve(Kr[idx][:, idx], b[idx])
+            if (trial[idx] > 0).all():
+                x = trial
+                break
+            bad = idx[trial[idx] <= 0]
+            steps = x[bad] / (x[bad] - trial[bad])
+            k = int(steps.argmin())
+            x = x + steps[k].clamp(0, 1) * (trial - x)
+            leaving = passive & (x <= 0)
+            leaving[bad[k]] = True  # the blocking index leaves even if round-off kept it > 0
+            passive &= ~leaving
+            x[~passive] = 0
+        blocked = torch.zeros_like(blocked) if passive[j] else blocked | (torch.arange(n) == j)
+    return x + lower
+
+
+def _scalar_boundary(K2: torch.Tensor, lam2: torch.Tensor, skip: torch.Tensor) -> torch.Tensor | None:
+    """scalar_fallback boundary: the better of (a, 0) and (0, b), each the 1-D optimum of
+    f(v) = v^T K2 v - 2 lam2^T v on its axis, if it beats `skip` (alpha = beta = 1) on f."""
+
+    def f(v: torch.Tensor) -> float:
+        return (v @ K2 @ v - 2 * lam2 @ v).item()
+
+    best, best_f = None, f(skip)
+    for i in range(2):
+        if K2[i, i] > 0 and lam2[i] > 0:
+            v = torch.zeros(2, dtype=K2.dtype)
+            v[i] = lam2[i] / K2[i, i]
+            if f(v) < best_f:
+                best, best_f = v, f(v)
+    return best
 
 
 def solve_scales_batch(
@@ -153,11 +173,20 @@ def solve_scales_batch(
     *,
     ridge: float = 1e-12,
     max_condition: float = 1e12,
+    column_fallback: str = "scalar",
+    scalar_fallback: str = "skip",
 ) -> list[Scales]:
-    """solve_scales for B layers of the same rank at once, P and Q stacked (B, 2r, 2r) on the
-    CPU: one batched eigendecomposition and solve for the column systems, one for the scalar
-    fallbacks. Gives what solve_scales gives layer by layer, bit for bit (tested). `kappa`:
-    one for all, or one per system."""
+    """Least-squares optimal column scaling (closed form) for B layers of the same rank, P and
+    Q stacked (B, 2r, 2r) on the CPU: one batched eigendecomposition and solve for the column
+    systems, one for the scalar fallbacks. `kappa`: one for all, or one per system.
+
+    The unconstrained optimum of [alpha^2; beta^2] is kappa * K^{-1} lam; when it is positive it
+    is also the constrained optimum (COLUMN). Where it is not: `column_fallback` scalar (one
+    shared alpha and beta: the same least squares restricted to alpha_i = a, beta_j = b) or
+    nnls (the non-negative optimum with a floor, NNLS_FLOOR, kept as COLUMN); where the scalar
+    system fails too, `scalar_fallback` skip (alpha = beta = 1: SKIPPED) or boundary (its
+    optimum with a = 0 or b = 0, if that beats skipping). Degenerate input (zeros, NaN, inf)
+    is SKIPPED. Each result records why its column system was rejected (REJECTIONS)."""
     kappas = [kappa] * P.shape[0] if isinstance(kappa, (int, float)) else list(kappa)
     if len(kappas) != P.shape[0]:
         raise ValueError(f"{len(kappas)} kappas for {P.shape[0]} systems")
@@ -168,20 +197,39 @@ def solve_scales_batch(
     P, Q = P.to(torch.float64), Q.to(torch.float64)
     K = P * Q
     lam = torch.cat([torch.diagonal(Q, dim1=1, dim2=2)[:, :r], torch.diagonal(P, dim1=1, dim2=2)[:, r:]], dim=1)
-    v, column = _solve_psd_batch(K, lam, ridge, max_condition)
+    v, column, why = _solve_psd_batch(K, lam, ridge, max_condition)
+    if column_fallback == "nnls":
+        norms_sq = torch.cat([torch.diagonal(P, dim1=1, dim2=2)[:, :r], torch.diagonal(Q, dim1=1, dim2=2)[:, r:]], 1)
+        v = v.clone()
+        for i in [i for i, reason in enumerate(why) if reason in ("not_pd", "ill_conditioned", "negative")]:
+            if (norms_sq[i] > 0).all():
+                v[i] = nnls_gram(K[i], lam[i], NNLS_FLOOR / norms_sq[i])
+                column[i] = bool(torch.isfinite(v[i]).all() and (v[i] > 0).all())
     blocks = [[K[:, :r, :r], K[:, :r, r:]], [K[:, r:, :r], K[:, r:, r:]]]
     K2 = torch.stack([torch.stack([b.sum(dim=(1, 2)) for b in row], dim=1) for row in blocks], dim=1)
     lam2 = torch.stack([lam[:, :r].sum(1), lam[:, r:].sum(1)], dim=1)
-    ab, scalar = _solve_psd_batch(K2, lam2, ridge, max_condition)
+    ab, scalar, _ = _solve_psd_batch(K2, lam2, ridge, max_condition)
+    k = torch.tensor(kappas, dtype=torch.float64)[:, None]
+    if scalar_fallback == "boundary":
+        ab = ab.clone()
+        for i in range(len(kappas)):
+            if not column[i] and not scalar[i] and torch.isfinite(K2[i]).all() and torch.isfinite(lam2[i]).all():
+                found = _scalar_boundary(K2[i], lam2[i], 1.0 / k[i, 0].expand(2))
+                if found is not None:
+                    ab[i], scalar[i] = found, True
     # Every layer's scales in a few whole-batch operations (elementwise, so each row is
     # what its own system's formula gives): column, scalar or ones (skipped).
-    k = torch.tensor(kappas, dtype=torch.float64)[:, None]
     ones = torch.ones(r, dtype=torch.float64)
     scalar_ab = (k * ab).sqrt()[:, :, None] * ones  # (B, 2, r)
     alpha = torch.where(column[:, None], (k * v[:, :r]).sqrt(), torch.where(scalar[:, None], scalar_ab[:, 0], ones))
     beta = torch.where(column[:, None], (k * v[:, r:]).sqrt(), torch.where(scalar[:, None], scalar_ab[:, 1], ones))
     kinds = [COLUMN if c else SCALAR if s else SKIPPED for c, s in zip(column.tolist(), scalar.tolist())]
-    return [Scales(a, b, kind) for a, b, kind in zip(alpha, beta, kinds)]
+    return [Scales(a, b, kind, reason) for a, b, kind, reason in zip(alpha, beta, kinds, why)]
+
+
+def solve_scales(P: torch.Tensor, Q: torch.Tensor, kappa: float, **options) -> Scales:
+    """solve_scales_batch for one layer."""
+    return solve_scales_batch(P[None], Q[None], kappa, **options)[0]
 
 
 def column_norm_products(P: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
