@@ -528,6 +528,57 @@ def slurm(
     console.print(f"submitted batch job {job_id} (log: {log})", highlight=False)
 
 
+@app.command("plan")
+def plan_cmd(
+    config: Path = typer.Argument(..., help="YAML config file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Processes per node."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes."),
+    device_memory: Optional[str] = typer.Option(
+        None,
+        "--device-memory",
+        metavar="SIZE",
+        help="Memory of one rank's device, e.g. 80GiB (default: model.memory_per_rank_gib, else this "
+        "machine's GPU, else its host memory per process).",
+    ),
+    device: Optional[str] = typer.Option(
+        None,
+        "--device",
+        help="cuda or cpu: what the run computes on (default: cuda when this machine has a GPU "
+        "or --device-memory is given, else cpu).",
+    ),
+) -> None:
+    """Will this config fit, and why not: the memory plan per rank (frozen base, adapters,
+    optimizer state, activations, loss head, FSDP2's working set), the base placement `auto`
+    would take, and what would make it fit. Reads only the model's config.json. Exit code 1
+    when it does not fit."""
+    import torch
+
+    from scalora_dist.plan import GiB, memory_per_rank, parse_memory, plan_report
+
+    cfg = _load(config, overrides)
+    if device not in (None, "cuda", "cpu"):
+        _fail(f"--device: {device!r} is not cuda or cpu")
+    device = device or ("cuda" if torch.cuda.is_available() or device_memory else "cpu")
+    if device_memory:
+        try:
+            memory, source = parse_memory(device_memory), f"--device-memory {device_memory}"
+        except ValueError as e:
+            _fail(f"--device-memory: {e}")
+    elif cfg.model.memory_per_rank_gib:
+        memory, source = cfg.model.memory_per_rank_gib * GiB, "model.memory_per_rank_gib"
+    elif device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda on a machine without a GPU: give its memory with --device-memory (e.g. 80GiB)")
+    else:
+        memory, source = memory_per_rank(device, nproc_per_node)
+    try:
+        report, fits = plan_report(cfg, nproc_per_node * nnodes, device, memory, source)
+    except (OSError, ValueError) as e:
+        _fail(f"model.path: cannot read the model's config ({e})")
+    console.print(report, highlight=False, markup=False)
+    raise typer.Exit(0 if fits else 1)
+
+
 @config_app.command("show")
 def config_show(
     config: Path = typer.Argument(..., help="YAML config file."),

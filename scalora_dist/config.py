@@ -46,14 +46,19 @@ class ModelConfig:
     """Quantise the 4-bit block scales too (saves ~0.4 bit per weight)."""
     quant_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the 4-bit layers compute in; `auto`: the model dtype."""
-    base_placement: Literal["sharded", "replicated"] = "sharded"
+    base_placement: Literal["auto", "sharded", "replicated"] = "auto"
     """FSDP2 runs: `sharded` splits the frozen weights of the base's linear layers (float,
     or 4-bit codes) across ranks like any parameter (least memory, all-gathered per block);
     `replicated` keeps them whole on every rank (FSDP2 ignored_params: no traffic for them,
     as DDP would hold a model that fits one rank) and shards only the adapters,
     embeddings and norms, as one FSDP2 group: one all-gather and one reduce-scatter a step
     (they are whole on every rank during the step). ScaLoRA and ReLoRA merge into every
-    rank's whole copy."""
+    rank's whole copy. `auto`: replicated when the memory plan (`scalora-dist plan`) of the
+    run with the base whole fits 85% of a rank's memory (model.memory_per_rank_gib), else
+    sharded; the run's first line says which and why, and its config.yaml records it."""
+    memory_per_rank_gib: float = 0.0
+    """The memory one rank may plan with (base_placement auto); 0: its GPU's memory, or on
+    CPU the host's memory divided among this node's processes."""
     cpu_offload: bool = False
     """FSDP2 runs on GPUs (several processes): keep sharded parameters, gradients and
     optimizer state in host memory (FSDP2's CPUOffloadPolicy). Method lora only."""
@@ -477,6 +482,8 @@ def validate(config: Config) -> None:
                 f"(a kappa given as a number, here {s.kappa:g}, is the same for every layer)"
             )
     _positive("adapter.scalora.accumulator_rank", s.accumulator_rank)
+    if m.memory_per_rank_gib < 0:
+        raise ConfigError(f"model.memory_per_rank_gib: must be >= 0 (0: the device's), got {m.memory_per_rank_gib}")
     if m.base_placement == "replicated" and a.method == "full":
         raise ConfigError(
             "model.base_placement: replicated keeps the frozen base whole on every rank, but "

@@ -110,6 +110,8 @@ class Run:
     scalora: ScaLoRA | None
     total_steps: int
     relora: ReLoRA | None = None
+    placement_note: str | None = None
+    """How model.base_placement auto placed the frozen base, and why (several processes)."""
 
     @property
     def device(self) -> torch.device:
@@ -134,6 +136,7 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
     model_dir = resolve_model_once_per_node(cfg.model, dist)
     tokenizer = load_tokenizer(model_dir)
     mesh = init_device_mesh(dist.device.type, (dist.world_size,)) if dist.distributed else None
+    placement_note = place_base(cfg, model_dir, dist) if dist.distributed else None
     model = build_model(
         model_dir, cfg.model, cfg.adapter, dist.device, seed=cfg.train.seed, mesh=mesh, compile=cfg.train.compile
     )
@@ -182,7 +185,31 @@ def setup(cfg: Config, dist: DistInfo | None = None) -> Run:
         scalora,
         total_steps,
         relora,
+        placement_note,
     )
+
+
+def place_base(cfg: Config, model_dir: Path, dist: DistInfo) -> str | None:
+    """model.base_placement auto, decided from the memory plan (scalora_dist/plan.py) on every
+    rank, the base kept whole only if it fits on all of them; cfg records the choice. Returns
+    the decision in words (None when the config named a placement)."""
+    if cfg.model.base_placement != "auto":
+        return None
+    from transformers import AutoConfig
+
+    from scalora_dist.plan import GiB, choose_placement, memory_per_rank, shape_of
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    memory, source = memory_per_rank(dist.device.type, local_world)
+    if cfg.model.memory_per_rank_gib:
+        memory, source = cfg.model.memory_per_rank_gib * GiB, "model.memory_per_rank_gib"
+    shape = shape_of(AutoConfig.from_pretrained(model_dir), cfg.model.path)
+    choice = choose_placement(cfg, shape, dist.world_size, dist.device.type, memory, source)
+    sharded_somewhere = all_reduce_max(float(choice.placement == "sharded"), dist.device)
+    cfg.model.base_placement = "sharded" if sharded_somewhere else "replicated"
+    if cfg.model.base_placement == choice.placement:
+        return choice.reason()
+    return "sharded: the base whole does not fit on every rank"
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
@@ -366,6 +393,7 @@ def train(
             f"{trainable:,} trainable parameters, {run.total_steps} steps, "
             f"{dist.world_size} process(es) on {run.device.type}, {loss_description(run.model)}"
             + (", activations offloaded to the host" if cfg.model.offload_activations else "")
+            + (f", base placement {run.placement_note}" if run.placement_note else "")
             + (
                 f", {truncated:,} of {len(run.train_loader.dataset):,} training examples truncated to "
                 f"data.max_length={cfg.data.max_length}"

@@ -57,9 +57,10 @@ REPO = Path(__file__).resolve().parents[1]
 SAME_MODEL_TOL = 2e-5
 
 
-def train_job(model_dir, out, nproc, *overrides, resume=None, env=None, timeout=300):
+def train_job(model_dir, out, nproc, *overrides, resume=None, env=None, timeout=300, quiet=True):
     """`scalora-dist train` on the quickstart recipe, shrunk to 6 steps of a global batch of 4
-    on `nproc` processes (torchrun through the CLI when > 1), as a subprocess."""
+    on `nproc` processes (torchrun through the CLI when > 1), as a subprocess (`quiet`: no
+    progress display, nor the run's first line)."""
     micro_batch = 4 // nproc
     cmd = [
         sys.executable,
@@ -67,7 +68,7 @@ def train_job(model_dir, out, nproc, *overrides, resume=None, env=None, timeout=
         "scalora_dist.cli",
         "train",
         "configs/quickstart.yaml",
-        "--quiet",
+        *(["--quiet"] if quiet else []),
         f"model.path={model_dir}",
         f"output.dir={out}",
         "data.eval_files=[]",

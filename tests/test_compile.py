@@ -16,7 +16,7 @@ def test_compiled_blocks_train_the_same_model_as_eager_on_two_fsdp2_ranks(tiny_l
     ranks with gradient checkpointing: same losses and merged model as eager (float32;
     measured 1e-7 relative when written), and the count of compiled frames stops growing once
     the first steps have shown every mode (refactor or not) and shape."""
-    common = ["model.gradient_checkpointing=true", "train.max_steps=10"]
+    common = ["model.gradient_checkpointing=true", "train.max_steps=10", "model.base_placement=sharded"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert_ok(train_job(tiny_llama, eager, 2, *common, timeout=600))
     assert_ok(train_job(tiny_llama, compiled, 2, *common, "train.compile=true", timeout=600))

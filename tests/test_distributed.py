@@ -29,10 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_scalora_on_1_2_and_4_ranks_gives_the_same_model(tiny_llama, tmp_path):
-    """Also with the base whole on every rank (base_placement: replicated), where every rank
-    merges the whole increment into its own copy."""
-    runs = {n: assert_ok(train_job(tiny_llama, tmp_path / f"w{n}", n)) for n in (1, 2, 4)}
-    assert_ok(train_job(tiny_llama, tmp_path / "w2-replicated", 2, "model.base_placement=replicated"))
+    """Sharded on 2 ranks; with model.base_placement auto (the default) on 4 ranks and a
+    memory budget too small for the base whole (it shards), and on 2 ranks with the default
+    budget (the base whole on every rank: every rank merges the whole increment into its own
+    copy). The run's first line says which placement auto took and why; config.yaml records it."""
+    runs = {
+        1: assert_ok(train_job(tiny_llama, tmp_path / "w1", 1)),
+        2: assert_ok(train_job(tiny_llama, tmp_path / "w2", 2, "model.base_placement=sharded")),
+        4: assert_ok(train_job(tiny_llama, tmp_path / "w4", 4, "model.memory_per_rank_gib=0.0001")),
+    }
+    auto = assert_ok(train_job(tiny_llama, tmp_path / "w2-replicated", 2, quiet=False))
+    assert "base placement replicated: " in auto.stdout and "fits the budget of" in auto.stdout
+    assert "base_placement: replicated" in (tmp_path / "w2-replicated/config.yaml").read_text()
+    assert "base_placement: sharded" in (tmp_path / "w4/config.yaml").read_text()
     assert runs[2].stdout.count("done:") == 1  # only rank 0 prints
     reference = merged_weights(tmp_path / "w1")
     base = load_file(str(Path(tiny_llama) / "model.safetensors"))
@@ -72,6 +81,7 @@ def test_scalora_communication_is_one_small_all_reduce(tiny_model, tmp_path):
                 str(REPO / "tests/workers/dist_comm_worker.py"),
                 str(model_dir),
                 str(out),
+                "model.base_placement=sharded",
             ],
             cwd=REPO,
             capture_output=True,

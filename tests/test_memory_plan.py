@@ -3,6 +3,7 @@ arithmetic, and the script end to end (seconds, CPU)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -220,3 +221,87 @@ def test_offloading_the_activations_keeps_two_boundaries_on_the_device():
         for offload in (False, True)
     }
     assert on_16gb[True] >= 40_700 > on_16gb[False] >= 16_384
+
+
+def test_a_model_config_gives_the_shape_the_plan_was_written_for():
+    from transformers import LlamaConfig
+
+    from scalora_dist.plan import shape_of
+
+    config = LlamaConfig(
+        num_hidden_layers=32,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
+    got = shape_of(config, "llama3.1-8b")
+    assert got == mp.SHAPES["llama3.1-8b"]
+
+
+def test_plan_command_says_what_fits_and_what_would(tiny_llama):
+    from scalora_dist.config import load_config
+    from scalora_dist.plan import BUDGET_FRACTION, GiB, choose_placement, model_shape, run_plan
+
+    cfg = load_config("configs/quickstart.yaml", [f"model.path={tiny_llama}"])
+    shape = model_shape(cfg.model)
+    one = run_plan(cfg, shape, 1, "-", 0, "cuda")
+
+    def plan(*args):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scalora_dist.cli",
+                "plan",
+                "configs/quickstart.yaml",
+                f"model.path={tiny_llama}",
+                *args,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
+    fits = plan("--nproc-per-node", "2", "--device-memory", "80GiB")
+    assert fits.returncode == 0, fits.stderr
+    for part in (
+        "frozen base",
+        "adapters and gradients",
+        "optimizer state",
+        "activations",
+        "loss head",
+        "FSDP2 working set",
+        "base whole (replicated)",
+        "base sharded",
+        "auto would take replicated",
+        "fits:",
+    ):
+        assert part in fits.stdout, part
+    tight = plan("--device-memory", f"{int(0.9 * one.total / BUDGET_FRACTION)}B")  # 10% short
+    assert tight.returncode == 1 and "does not fit" in tight.stdout and "it would fit with" in tight.stdout
+    assert "model.gradient_checkpointing=true" in tight.stdout
+    bad = plan("--device-memory", "lots")
+    assert bad.returncode == 2 and "--device-memory" in bad.stderr
+    # the decision itself: the base whole when it fits the budget, sharded when it does not
+    roomy = choose_placement(cfg, shape, 2, "cpu", 8 * GiB, "test")
+    tight = choose_placement(cfg, shape, 2, "cpu", roomy.replicated.total * 1.05, "test")
+    assert roomy.placement == "replicated" and tight.placement == "sharded"
+    # what sharding is for: an 8B model on 8 GPUs takes far less per rank sharded
+    big = load_config(
+        "configs/quickstart.yaml",
+        [
+            "adapter.rank=16",
+            "data.max_length=2048",
+            "train.micro_batch_size=1",
+            "model.gradient_checkpointing=true",
+        ],
+    )
+    sharded, whole = (
+        run_plan(big, mp.SHAPES["llama3.1-8b"], 8, p, 80 * GiB, "cuda") for p in ("sharded", "replicated")
+    )
+    assert whole.total - sharded.total > 10 * GiB

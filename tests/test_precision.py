@@ -45,15 +45,25 @@ ROUND_OFF_FACTOR = 16
 
 CONFIGS = {  # name: (processes: 0 = in-process without FSDP2, overrides)
     "one process, bf16": (0, ["model.dtype=bfloat16"]),
-    "FSDP2 1 rank, bf16": (1, ["model.dtype=bfloat16"]),
-    "FSDP2 2 ranks, bf16": (2, ["model.dtype=bfloat16"]),
+    "FSDP2 1 rank, bf16": (1, ["model.dtype=bfloat16", "model.base_placement=sharded"]),
+    "FSDP2 2 ranks, bf16": (2, ["model.dtype=bfloat16", "model.base_placement=sharded"]),
     "FSDP2 2 ranks, bf16, ScaLoRA-I (I=2), kappa x2": (
         2,
-        ["model.dtype=bfloat16", "adapter.scalora.interval=2", "adapter.scalora.kappa_multiplier=2"],
+        [
+            "model.dtype=bfloat16",
+            "adapter.scalora.interval=2",
+            "adapter.scalora.kappa_multiplier=2",
+            "model.base_placement=sharded",
+        ],
     ),
     "FSDP2 2 ranks, bf16, 4-bit base": (
         2,
-        ["model.dtype=bfloat16", "model.load_in_4bit=true", "adapter.scalora.accumulator_rank=32"],
+        [
+            "model.dtype=bfloat16",
+            "model.load_in_4bit=true",
+            "adapter.scalora.accumulator_rank=32",
+            "model.base_placement=sharded",
+        ],
     ),
     "one process, bf16, 4-bit base": (
         0,
@@ -123,7 +133,11 @@ def test_one_and_two_ranks_in_bf16_train_the_same_float32_masters(tiny_llama, tm
     (base_placement: replicated), whose merges take lora_B's float32 rows from the refactor's
     all-reduce (measured: 0)."""
     runs = {}
-    for name, n, extra in ((1, 1, ()), (2, 2, ()), ("2-replicated", 2, ("model.base_placement=replicated",))):
+    for name, n, extra in (
+        (1, 1, ()),
+        (2, 2, ("model.base_placement=sharded",)),
+        ("2-replicated", 2, ("model.base_placement=replicated",)),
+    ):
         assert_ok(
             train_job(
                 tiny_llama,

@@ -69,7 +69,11 @@ def test_scalora_on_a_4bit_base_trains_the_same_on_2_ranks_in_both_placements(ti
     moved = max(((reference[k] - base[k]).norm() / base[k].norm()).item() for k in base)
     assert moved > 1e-2, "training must change the weights for the comparison to mean anything"
     sharded = tmp_path / "sharded"
-    assert_ok(train_job(tiny_llama, sharded, 2, *QUANT, "train.save_every=3", "train.keep_last=0"))
+    assert_ok(
+        train_job(
+            tiny_llama, sharded, 2, *QUANT, "train.save_every=3", "train.keep_last=0", "model.base_placement=sharded"
+        )
+    )
     assert_ok(train_job(tiny_llama, tmp_path / "replicated", 2, *QUANT, "model.base_placement=replicated"))
     for run in (sharded, tmp_path / "replicated"):
         assert_same_weights(reference, merged_weights(run))  # the full-precision merged export

@@ -55,6 +55,7 @@ RESUMABLE_CHANGES = {
     "model.offload_activations",
     "model.loss_kernel",
     "model.base_placement",
+    "model.memory_per_rank_gib",
     "train.micro_batch_size",
     "train.log_every",
     "train.eval_every",

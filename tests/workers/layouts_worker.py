@@ -44,6 +44,7 @@ def run_case(model_dir: str, overrides: list[str], out: Path, world: int) -> Non
             f"train.micro_batch_size={4 // world}",
             "train.lr=1e-2",
             f"output.dir={out}",
+            "model.base_placement=sharded",  # each rank reads its own slices of every tensor
             *overrides,
         ],
     )
