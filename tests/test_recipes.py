@@ -30,7 +30,8 @@ def test_every_recipe_is_the_rendered_template_with_the_planned_memory():
         for setup in recipes.SETUPS:
             text = (REPO / f"configs/{model.slug}/{setup.slug}.yaml").read_text()
             assert text.splitlines()[1] == "#   " + setup.command.format(path=f"configs/{model.slug}/{setup.slug}.yaml")
-            assert f"Memory per GPU: {recipes.planned_gib(model, setup):.1f} GiB" in text
+            gib, placement = recipes.planned(model, setup, text)  # the plan of the shipped file itself
+            assert f"Memory per GPU: {gib:.1f} GiB" in text and (setup.gpus == 1 or f"auto: {placement}" in text)
 
 
 @pytest.mark.parametrize("path", SHIPPED)

@@ -1,7 +1,7 @@
 """Print the config reference (every key, its default and meaning) as a Markdown table.
 
-    python tools/generators/config_reference.py            # the table in docs/config.md comes from here
-    python tools/generators/config_reference.py --write    # replace the table in docs/config.md
+python tools/generators/config_reference.py            # the table in docs/config.md comes from here
+python tools/generators/config_reference.py --write    # replace the table in docs/config.md
 """
 
 import sys
