@@ -19,9 +19,13 @@ batch). Also the factors' balance: the median over columns of ||a_i|| / ||b_i|| 
 coordinates: a = sqrt(s) lora_B columns, b = sqrt(s) lora_A rows).
 
     python tools/studies/one_step.py --task facts --lr 4e-3 --at 10,50,100
+    python tools/studies/one_step.py --task facts --lr 4e-3 --trajectories lora,scalora,scalora_reestimate --to 100
     python tools/studies/one_step.py --quick          # the code path, for CI
 
-Writes tools/studies/results/one_step_<task>.md / .json.
+Writes tools/studies/results/one_step_<task>.md / .json. With --trajectories, each method
+trains on its own (the study's setting) and every step records the norm of the step it took
+in weight space and the mean size of its adapter's column pairs, ||a_i|| ||b_i|| (what
+ScaLoRA's kappa holds the adapter to): tools/studies/results/trajectories_<task>.md / .json.
 """
 
 from __future__ import annotations
@@ -248,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     a("--work-dir", type=Path, default=Path("runs/one-step"))
     a("--out-dir", type=Path, default=Path("tools/studies/results"))
     a("--quick", action="store_true", help="steps 2 and 3 of one row of 64 tokens: the code path only")
+    a("--trajectories", default="", help="methods to train on their own, recording each step (see above)")
+    a("--to", type=int, default=100, help="--trajectories: steps of each")
     # the study's setting (study_real.py's flags, with the facts task's values)
     a("--steps", type=int, default=200)
     a("--batch-size", type=int, default=4)
@@ -278,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = study_real.overrides_for(study_args, checkpoint(), files, "lora", args.rank, args.lr, 0)
     cfg = load_config(None, [*overrides, f"output.dir={args.work_dir / 'run'}"])
     scalora_cfg = load_config(None, [*overrides, "adapter.method=scalora"]).adapter.scalora
+    if args.trajectories:
+        started = time.perf_counter()
+        runs = trajectories(args, overrides)
+        write_trajectories(args, runs, time.perf_counter() - started, argv)
+        return
     run = setup(cfg)
     heldout = [b for _, b in zip(range(args.heldout_batches), run.eval_loader)]
     at = sorted(int(x) for x in args.at.split(","))
@@ -290,6 +301,82 @@ def main(argv: list[str] | None = None) -> None:
         if step < max(at):
             train_step(run, step)
     write_report(args, rows, variants, time.perf_counter() - started, argv)
+
+
+TRAJECTORY_METHODS = {
+    "lora": ["adapter.method=lora"],
+    "scalora": ["adapter.method=scalora"],
+    "scalora_reestimate": ["adapter.method=scalora", "adapter.scalora.kappa_schedule=reestimate"],
+    "scalora_inverse_lr": ["adapter.method=scalora", "adapter.scalora.kappa_schedule=inverse_lr"],
+}
+
+
+def column_pair_size(layers: dict) -> float:
+    """Mean over every layer and column of ||a_i|| ||b_i|| (paper coordinates)."""
+    sizes = [
+        (l.scale * l.lora_B.double().norm(dim=0) * l.lora_A.double().norm(dim=1)).mean().item() for l in layers.values()
+    ]
+    return statistics.fmean(sizes)
+
+
+def trajectories(args, base_overrides: list[str]) -> dict[str, list[dict]]:
+    from scalora_dist.config import load_config
+    from scalora_dist.model.lora import lora_layers
+    from scalora_dist.train import setup, train_step
+
+    out = {}
+    for method in args.trajectories.split(","):
+        cfg = load_config(None, [*base_overrides, *TRAJECTORY_METHODS[method], f"output.dir={args.work_dir / method}"])
+        run = setup(cfg)
+        layers = lora_layers(run.model)
+        rows = []
+        for step in range(args.to):
+            before = effective_weights(layers)
+            result = train_step(run, step)
+            after = effective_weights(layers)
+            rows.append(
+                {
+                    "step": step + 1,
+                    "loss": result.loss,
+                    "step_norm": math.sqrt(sum((after[n] - before[n]).square().sum().item() for n in after)),
+                    "pair_size": column_pair_size(layers),
+                    "kappa": result.report.kappa if result.report is not None else None,
+                }
+            )
+        out[method] = rows
+        print(method, json.dumps(rows[-1]), flush=True)
+    return out
+
+
+def write_trajectories(args, runs: dict[str, list[dict]], wall: float, argv) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"trajectories_{args.task}" + ("_quick" if args.quick else "")
+    (args.out_dir / f"{name}.json").write_text(json.dumps(runs, indent=1))
+    command = "python tools/studies/one_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    methods = list(runs)
+    lines = [
+        f"# Each method's own steps ({args.task}, r {args.rank}, lr {args.lr:g})",
+        "",
+        f"`{command}` ({wall / 60:.1f} min). Per step: ||dW||, the norm of the step taken in weight space "
+        "(every adapted layer), and the mean column-pair size ||a_i|| ||b_i||; the training loss, averaged "
+        "over the 10 steps up to the row's.",
+        "",
+        "| step | " + " | ".join(f"{m}: loss, ‖dW‖, pair size" for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for i in range(len(runs[methods[0]])):
+        if (i + 1) % 10 and i + 1 != 1:
+            continue
+        cells = []
+        for m in methods:
+            window = runs[m][max(0, i - 9) : i + 1]
+            r = runs[m][i]
+            cells.append(
+                f"{statistics.fmean(x['loss'] for x in window):.4f}, {r['step_norm']:.3f}, {r['pair_size']:.3g}"
+            )
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    (args.out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def write_report(args, rows: list[dict], variants: list[str], wall: float, argv) -> None:
