@@ -234,9 +234,7 @@ def train(
         from scalora_dist.run.stopping import install_handlers
 
         install_handlers()  # a stop asked for (Ctrl-C too) before the workers start: start none
-        if not dry_run:
-            _preflight(cfg, options, resume, flags)
-        _launch(config, overrides or [], options, quiet, resume, dry_run, flags)
+        _launch(config, overrides or [], options, quiet, resume, dry_run, flags, cfg)
         return
     if dry_run:
         console.print("in-process", highlight=False)
@@ -296,8 +294,19 @@ def _launch(
     resume: Optional[str],
     dry_run: bool,
     flags: dict,
+    cfg: cfgmod.Config,
 ) -> None:
-    from scalora_dist.launch.torchrun import format_command, run_torchrun, torchrun_command
+    """torchrun starts at once, its workers waiting at a gate after their imports, while this
+    process checks everything it can without the weights (_preflight); then the gate opens,
+    or on a problem the job ends before any worker did anything, and the problem is one line."""
+    from scalora_dist.launch.torchrun import (
+        Gate,
+        abort_torchrun,
+        format_command,
+        run_torchrun,
+        start_torchrun,
+        torchrun_command,
+    )
 
     extra = (["--quiet"] if quiet else []) + (["--resume", resume] if resume is not None else [])
     extra += [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
@@ -305,6 +314,22 @@ def _launch(
     if dry_run:
         typer.echo(format_command(cmd))
         return
+    from scalora_dist.run.stopping import EXIT_REQUEUE, clear_marker, read_marker, requested, write_marker
+
+    gate = Gate()
+    job = start_torchrun(cmd, gate)
+    try:
+        _preflight(cfg, options, resume, flags)
+    except BaseException:  # a problem found (typer.Exit after its one line), Ctrl-C, a crash
+        abort_torchrun(job, gate)
+        raise
+    run_dir = Path(cfg.output.dir)
+    clear_marker(run_dir)
+    if requested():  # told to stop before anything ran: nothing is lost, run again later
+        abort_torchrun(job, gate)
+        write_marker(run_dir, -1, requested(), None)
+        err_console.print(f"stopped on {requested()} before the workers started; nothing was lost", highlight=False)
+        raise typer.Exit(EXIT_REQUEUE)
     nodes = "" if options.nnodes == "1" else f" (node of {options.nnodes})"
     err_console.print(
         f"launching {options.nproc_per_node} processes on this node{nodes}: {escape(format_command(cmd))}",
@@ -312,15 +337,8 @@ def _launch(
         style="dim",
         soft_wrap=True,
     )
-    from scalora_dist.run.stopping import EXIT_REQUEUE, clear_marker, read_marker, requested, write_marker
-
-    run_dir = Path(cfgmod.load_config(config, overrides).output.dir)
-    clear_marker(run_dir)
-    if requested():  # told to stop before anything ran: nothing is lost, run again later
-        write_marker(run_dir, -1, requested(), None)
-        err_console.print(f"stopped on {requested()} before the workers started; nothing was lost", highlight=False)
-        raise typer.Exit(EXIT_REQUEUE)
-    code = run_torchrun(cmd)  # a failing rank's error is printed once, by scalora_dist.launch.agent
+    gate.open()
+    code = run_torchrun(cmd, started=job)  # a failing rank's error is printed once, by scalora_dist.launch.agent
     if code == 130:
         err_console.print("[bold red]interrupted[/bold red]: all ranks stopped", highlight=False)
     elif code == 0 and read_marker(run_dir) is not None:
@@ -342,6 +360,14 @@ def _train_worker(
     install_handlers(ctrl_c=False)  # SIGUSR1 / SIGTERM: checkpoint, then stop; SIGINT (a second Ctrl-C): at once
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[rank{rank}] "
+    from scalora_dist.metrics import quiet_libraries
+
+    quiet_libraries()
+    import scalora_dist.train  # noqa: F401  (the imports take seconds: done while the launcher checks)
+    from scalora_dist.launch.torchrun import wait_at_gate
+
+    if not wait_at_gate():  # the launcher found a problem and says it
+        _leave(0)
     try:
         cfg = cfgmod.load_config(config, overrides)
     except cfgmod.ConfigError as e:

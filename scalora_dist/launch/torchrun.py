@@ -198,7 +198,69 @@ def through_agent(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> int:
+GATE_ENV = "SCALORA_DIST_GATE"
+"""A file the workers of a job wait for after their imports, before anything else: the
+launcher starts torchrun while it checks the config, model and data (so the two import
+torch side by side), then writes `go` into it, or `stop` (and ends the job) on a problem."""
+
+
+class Gate:
+    """The launcher's side of GATE_ENV."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="scalora-dist-gate-"))
+        self.path = self.dir / "gate"
+
+    def env(self) -> dict[str, str]:
+        return {GATE_ENV: str(self.path)}
+
+    def open(self, word: str = "go") -> None:
+        tmp = self.dir / "gate.tmp"
+        tmp.write_text(word)
+        os.replace(tmp, self.path)
+
+
+def wait_at_gate(poll_s: float = 0.02) -> bool:
+    """A worker: wait for the launcher's word (no gate: go at once). False on `stop`."""
+    path = os.environ.get(GATE_ENV)
+    if not path:
+        return True
+    while True:
+        try:
+            word = Path(path).read_text()
+        except OSError:
+            word = ""
+        if word in ("go", "stop"):
+            return word == "go"
+        time.sleep(poll_s)
+
+
+def start_torchrun(cmd: list[str], gate: Gate | None = None) -> subprocess.Popen:
+    """torchrun (through scalora_dist.launch.agent) in its own session, its workers waiting
+    at `gate` when one is given."""
+    return subprocess.Popen(
+        through_agent(cmd),
+        start_new_session=True,
+        preexec_fn=_death_signal_setter(),
+        env={**torchrun_env(), **(gate.env() if gate else {})},
+    )
+
+
+def abort_torchrun(proc: subprocess.Popen, gate: Gate | None = None) -> None:
+    """End a job that never trained: its workers told `stop`, every process below it killed."""
+    if gate is not None:
+        gate.open("stop")
+    known = _descendants(proc.pid)
+    _signal_group(proc.pid, signal.SIGKILL)
+    _kill_known(known)
+    proc.wait()
+
+
+def run_torchrun(
+    cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S, started: subprocess.Popen | None = None
+) -> int:
     """Run `cmd` (a torchrun command, through scalora_dist.launch.agent) and return its exit code.
 
     torchrun runs in its own session, so a terminal's Ctrl-C reaches only this process; the
@@ -212,7 +274,8 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
     On Linux torchrun also gets SIGTERM if this process dies without a chance to relay.
 
     Returns torchrun's exit code, or 128 + signal number when the run was interrupted
-    (130 for Ctrl-C) or torchrun itself was killed by a signal.
+    (130 for Ctrl-C) or torchrun itself was killed by a signal. `started`: the job
+    start_torchrun already started (its workers past their gate), to wait for.
     """
     received: list[int] = []
     known: dict[int, int] = {}  # pid -> start time of torchrun's descendants, for the sweep
@@ -256,14 +319,7 @@ def run_torchrun(cmd: list[str], escalate_after_s: float = ESCALATE_AFTER_S) -> 
         from scalora_dist.run import stopping
 
         graceful += [s for s in stopping._received if s in GRACEFUL_SIGNALS][:1]  # asked before this
-        procs.append(
-            subprocess.Popen(
-                through_agent(cmd),
-                start_new_session=True,
-                preexec_fn=_death_signal_setter(),
-                env=torchrun_env(),
-            )
-        )
+        procs.append(started if started is not None else start_torchrun(cmd))
         proc = procs[0]
         if received:
             _signal_group(proc.pid, received[0])

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
 
+# torch.distributed.fsdp and .tensor load in ~1 s: imported where a model is sharded, so the
+# launcher's checks (lora_A_on_dim1, decoder_blocks) do without them.
 from scalora_dist.config import ConfigError
 from scalora_dist.model.lora import LoRALinear
 
@@ -50,14 +50,18 @@ def lora_A_on_dim1(model: nn.Module, world_size: int):
                 "(FSDP2 shards lora_A on its columns and does not support uneven column "
                 "shards); use a world size that divides every adapted layer's in_features"
             )
+    from torch.distributed.tensor import Shard
+
     lora_A_ids = {id(m.lora_A) for m in layers.values()}
     return lambda param: Shard(1) if id(param) in lora_A_ids else None
 
 
-def mixed_precision_policy(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+def mixed_precision_policy(param_dtype: torch.dtype | None):
     """Compute in `param_dtype` (None: the parameters' own dtype), reduce gradients in float32.
     4-bit codes are stored in the model dtype (model/quant.py), so this cast
     leaves them bit-for-bit intact."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
@@ -71,6 +75,8 @@ def apply_fsdp(
 ) -> None:
     """Shard `model` over `mesh`; `replicated_weights` (base_placement: replicated) stay whole
     on every rank as FSDP2 ignored_params, and the rest is then one group at the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
     kwargs = dict(
         mesh=mesh,
         mp_policy=mixed_precision_policy(param_dtype),
