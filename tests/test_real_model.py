@@ -181,3 +181,35 @@ def test_real_model_study_quick_mode_trains_reports_and_caches(smollm2, tmp_path
     assert len(answered) == 2 and all(0 <= r["parse_rate"] <= 1 and len(r["samples"]) == 1 for r in answered)
     report = (tmp_path / "out/study_real_quick.md").read_text()
     assert "Greedy answers" in report and answered[0]["samples"][0]["prompt"] in report
+
+
+@pytest.mark.slow
+def test_one_step_comparison_quick_mode(smollm2, tmp_path):
+    """tools/studies/one_step.py --quick on the real SmolLM2 and the facts task: from the same
+    LoRA state every variant takes one step (ScaLoRA's with a refactor, LoRA's without), and
+    two methods train on their own for three steps, each step's size in weight space recorded."""
+    cmd = [
+        sys.executable,
+        "tools/studies/one_step.py",
+        "--quick",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env))
+    rows = json.loads((tmp_path / "out/one_step_facts_quick.json").read_text())
+    assert [r["step"] for r in rows] == [2, 3]
+    for row in rows:
+        assert row["lora"]["median_layer_step_ratio_to_lora"] == 1.0 and row["lora"]["kappa"] is None
+        assert row["scalora"]["kappa"] > 0 and sum(row["scalora"]["column_scalar_skipped"]) > 0
+        assert row["scalora_k4"]["kappa"] == pytest.approx(4 * row["scalora"]["kappa"])
+        assert all(-1 <= row[v]["cos_with_minus_G"] <= 1 for v in row if isinstance(row[v], dict))
+    runs = json.loads((tmp_path / "out/trajectories_facts_quick.json").read_text())
+    assert set(runs) == {"lora", "scalora_reestimate"} and all(len(r) == 3 for r in runs.values())
+    assert all(r[-1]["step_norm"] > 0 and r[-1]["pair_size"] > 0 for r in runs.values())
+    # the facts task: every held-out question is in a phrasing training never uses
+    train = (tmp_path / "work/data-facts/train.jsonl").read_text()
+    held_out = [json.loads(l)["prompt"] for l in (tmp_path / "work/data-facts/eval.jsonl").read_text().splitlines()]
+    assert len(held_out) == 400 and not any(q in train for q in held_out)

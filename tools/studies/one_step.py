@@ -251,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     a("--heldout-batches", type=int, default=4)
     a("--work-dir", type=Path, default=Path("runs/one-step"))
     a("--out-dir", type=Path, default=Path("tools/studies/results"))
-    a("--quick", action="store_true", help="steps 2 and 3 of one row of 64 tokens: the code path only")
+    a(
+        "--quick",
+        action="store_true",
+        help="steps 2 and 3 of one row of 64 tokens, and 3 steps of two trajectories: the code path only",
+    )
     a("--trajectories", default="", help="methods to train on their own, recording each step (see above)")
     a("--to", type=int, default=100, help="--trajectories: steps of each")
     # the study's setting (study_real.py's flags, with the facts task's values)
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         steps=args.steps,
         lr_warmup=args.lr_warmup,
-        scalora_warmup=10,
+        scalora_warmup=1 if args.quick else 10,
         relora_every=20,
         eval_every=0,
         eval_batches=0,
@@ -301,6 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         if step < max(at):
             train_step(run, step)
     write_report(args, rows, variants, time.perf_counter() - started, argv)
+    if args.quick:  # and the trajectories' code path: three steps of LoRA and ScaLoRA
+        args.trajectories, args.to = "lora,scalora_reestimate", 3
+        runs = trajectories(args, overrides)
+        write_trajectories(args, runs, 0.0, argv)
 
 
 TRAJECTORY_METHODS = {
