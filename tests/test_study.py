@@ -111,33 +111,6 @@ def test_study_end_to_end_and_cached(tmp_path, capsys):
     study.main([*argv, "--report-only"])
     assert stamps == {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/metrics.jsonl")}
 
-    # the scaling diagnostics replay every refactor of a run from this study's cached base
-    import scaling_diagnostics
-
-    diag = tmp_path / "diag"
-    scaling_diagnostics.main(
-        [
-            "--work-dir",
-            str(work),
-            "--study-args",
-            " ".join(TINY),
-            "--rank",
-            "2",
-            "--steps",
-            "4",
-            "--schedule-steps",
-            "6",
-            "--eval-every",
-            "2",
-            "--out-dir",
-            str(diag),
-        ]
-    )
-    (result,) = diag.glob("*.json")
-    out = capsys.readouterr().out
-    assert "branch replay: 0 mismatches" in out
-    assert json.loads(result.read_text())["final_eval"] > 0
-
     # report-only names a run that is missing
     with pytest.raises(SystemExit, match="missing"):
         study.main([*argv, "--report-only", "--seeds", "3"])
