@@ -229,3 +229,10 @@ def test_gpu_check_cpu_mode_runs_every_check(tmp_path):
         assert checks["throughput"][variant]["tokens_per_s"] > 0
     assert all(b["planned_gib"] > 0 for b in checks["memory"]["blocks"].values())
     assert "| exactness | pass |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_startup_times_the_first_logged_step():
+    out = _tool("tools/benchmarks/bench_startup.py", "--quick", "--nprocs", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| 1 |"))
+    assert float(row.split("|")[2].split()[0]) > 0
