@@ -57,6 +57,28 @@ METHODS = {
     # kappa resolved per layer from its own columns (the layers' adapters grow at different
     # sizes; one global kappa drains the large ones and leaves the small ones)
     "scalora_lk": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_scope=layer"],
+    # ablations of the facts study (tools/studies/README.md): kappa over the schedule, when
+    # refactoring starts, the fallbacks for rejected column systems, kappa's size
+    "scalora_inverse_lr": [
+        "adapter.method=scalora",
+        "adapter.scalora.interval=1",
+        "adapter.scalora.kappa_schedule=inverse_lr",
+    ],
+    "scalora_reestimate": [
+        "adapter.method=scalora",
+        "adapter.scalora.interval=1",
+        "adapter.scalora.kappa_schedule=reestimate",
+    ],
+    "scalora_w50": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.warmup_steps=50"],
+    "scalora_w100": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.warmup_steps=100"],
+    "scalora_nnls": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.column_fallback=nnls"],
+    "scalora_boundary": [
+        "adapter.method=scalora",
+        "adapter.scalora.interval=1",
+        "adapter.scalora.scalar_fallback=boundary",
+    ],
+    "scalora_k05": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=0.5"],
+    "scalora_k2": ["adapter.method=scalora", "adapter.scalora.interval=1", "adapter.scalora.kappa_multiplier=2"],
     "relora": ["adapter.method=relora"],
     "full": ["adapter.method=full"],
 }
