@@ -167,8 +167,8 @@ def test_bench_loss_on_a_checkpoint_measures_whole_training_steps(tmp_path):
 def test_bench_peers_runs_every_contender_on_the_same_batches(tmp_path):
     """scalora-dist, PEFT + a torch loop and PEFT + Trainer on 1 and 2 processes (FSDP2 vs
     DDP). With one process all start from the same base and the same first batch, so their
-    first losses agree: the data really is the same. (The plain-loss and replicated-base
-    contenders, the same worker with model.chunked_loss=false or model.base_placement=replicated,
+    first losses agree: the data really is the same. (The plain-loss and sharded-base
+    contenders, the same worker with model.chunked_loss=false or model.base_placement=sharded,
     are left out by --contenders to keep the suite short.)"""
     import json
 

@@ -1,6 +1,6 @@
-"""The same LoRA fine-tune side by side in one run: scalora-dist (FSDP2-sharded base; on 2
-processes also the base replicated, `model.base_placement: replicated`; and the plain loss
-instead of the chunked one), PEFT with a plain torch loop, and PEFT with transformers'
+"""The same LoRA fine-tune side by side in one run: scalora-dist as it comes (no placement
+key: `model.base_placement: auto`; on 2 processes also with the base sharded,
+`model.base_placement: sharded`; and the plain loss instead of the chunked one), PEFT with a plain torch loop, and PEFT with transformers'
 Trainer. Tokens/s, peak memory and the final loss, on 1 and 2 processes.
 
     python tools/benchmarks/bench_peers.py                         # SmolLM2-135M-Instruct, stdlib chat task
@@ -11,8 +11,8 @@ What is the same for every contender: the checkpoint (float32, sdpa attention), 
 (LoRA r on all linear layers, alpha 2r, no dropout), AdamW with the same lr, betas and eps,
 cosine schedule with warm-up, clipping at 1.0, and the very same micro-batches: scalora-dist's
 loader (packed rows with per-example position_ids, so attention stays inside each example)
-cut for each rank, handed as they are to the PEFT model. On 2 processes scalora-dist shards
-with FSDP2, the peers replicate with DDP (what PEFT users run), all over gloo on CPU.
+cut for each rank, handed as they are to the PEFT model. On 2 processes scalora-dist runs FSDP2
+(the base whole on each rank unless it does not fit), the peers replicate with DDP (what PEFT users run), all over gloo on CPU.
 
 Each contender runs in its own fresh process group (torchrun for > 1 process), so peak
 memory (VmHWM, the largest rank's) is its own. Rounds alternate the contenders (A B C, A B C,
@@ -37,8 +37,8 @@ sys.path[:0] = [str(TOOLS / d) for d in ("generators", "benchmarks", "studies")]
 
 OURS = {
     "scalora-dist": [],
-    # the frozen base whole on every rank (FSDP2 ignored_params), as DDP holds it: several processes only
-    "scalora-dist-replicated": ["model.base_placement=replicated"],
+    # the frozen base split across ranks (what auto takes for a model that does not fit): several processes only
+    "scalora-dist-sharded": ["model.base_placement=sharded"],
     # the whole logits at once (what the peers do): what the chunked loss costs or saves, measured
     "scalora-dist-plain-loss": ["model.chunked_loss=false"],
 }
@@ -47,7 +47,7 @@ CONTENDERS = (*OURS, *PEERS)
 
 
 def contenders(nproc: int, chosen: tuple[str, ...] = CONTENDERS) -> list[str]:
-    return [c for c in chosen if nproc > 1 or c != "scalora-dist-replicated"]
+    return [c for c in chosen if nproc > 1 or c != "scalora-dist-sharded"]
 
 
 def config_overrides(args: argparse.Namespace, model: Path, train_file: Path, out_dir: Path) -> list[str]:
